@@ -1,0 +1,51 @@
+# megamoe: `make train` runs the main job, `make test` the test suite; both install first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+ifeq ($(HAS_CUDA),1)
+  # GPU hosts (NGC images): reuse the image's CUDA torch; faiss-gpu instead of faiss-cpu.
+  VENV_FLAGS ?= --system-site-packages
+  EXTRAS ?= dev,gpu
+  TORCH_PIN ?=
+  CONSTRAINTS ?=
+else
+  VENV_FLAGS ?=
+  EXTRAS ?= dev,cpu
+  TORCH_PIN ?= torch==2.13.0
+  CONSTRAINTS ?= -c constraints/cpu.txt
+endif
+
+STAMP := $(VENV)/.megamoe-installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install train test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml constraints/cpu.txt
+	@test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
+	$(if $(TORCH_PIN),$(PIP) $(TORCH_PIN))
+	$(PIP) $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	@touch $@
+
+train: install
+	$(VENV)/bin/megamoe train $(ARGS)
+
+# pytest exits 5 when it collects nothing: that is a failure too (make exits non-zero on any rc).
+test: install
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@$(PY) tools/size_report.py
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `megamoe` command line."""

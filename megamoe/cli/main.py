@@ -1,0 +1,58 @@
+"""`megamoe` entry point: subcommands, logging setup, one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from megamoe.errors import MegamoeError
+
+COMMANDS = ("train", "data", "config")
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """Positional args → (config path or run dir, key=value overrides)."""
+    paths = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if len(paths) > 1:
+        raise MegamoeError(f"expected one config file and key=value overrides, got {paths}")
+    return (paths[0] if paths else None), overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from megamoe.cli import config_cmd, data_cmd, train_cmd
+
+    parser = argparse.ArgumentParser(prog="megamoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_cmd.add_parser(sub)
+    data_cmd.add_parser(sub)
+    config_cmd.add_parser(sub)
+    return parser
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr; quiet third-party loggers."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("datasets", "urllib3", "filelock", "torch.distributed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; user errors print one line and exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["--help"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return int(args.func(args) or 0)
+    except MegamoeError as err:
+        print(f"megamoe: error: {err}", file=sys.stderr)
+        return 2

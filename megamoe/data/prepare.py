@@ -1,0 +1,195 @@
+"""`megamoe data prepare`: documents → tokenizer → packed, memory-mapped train/val token streams.
+
+The result lives in <data.cache_dir>/data/<key>, where key hashes the source files (paths, sizes,
+modification times) and every setting that changes the output. It is written to a temp dir and
+renamed, under a file lock, so concurrent runs (or ranks) prepare it once and a crash leaves
+nothing half-written; a later run with the same key reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from megamoe.config import DataConfig
+from megamoe.data.corpus import load_documents, source_fingerprint
+from megamoe.data.packed import PackedSplit, SplitWriter, token_dtype
+from megamoe.data.tokenizer import eod_id, load_tokenizer, train_bpe
+from megamoe.errors import DataError
+from megamoe.utils.fs import atomic_dir, atomic_write_json, remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_FIELDS = (
+    "path", "format", "text_field", "domain_field", "tokenizer", "vocab_size",
+    "val_fraction", "order", "seed", "max_documents", "exclude_domains",
+)  # fmt: skip
+"""DataConfig fields that change the prepared output (cache_dir does not)."""
+ENCODE_BATCH = 256
+
+
+@dataclass
+class PreparedData:
+    """A finished data cache: manifest, tokenizer file and the two splits."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer.json used to pack the tokens."""
+        return self.root / "tokenizer.json"
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are < vocab_size."""
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names; a token's domain id indexes this list."""
+        return list(self.manifest["domains"])
+
+    def split(self, name: str) -> PackedSplit:
+        """The 'train' or 'val' split."""
+        return PackedSplit(self.root / name, np.dtype(self.manifest["dtype"]))
+
+
+def cache_key(cfg: DataConfig) -> str:
+    """Hash of the source and every output-changing setting."""
+    settings = {f: getattr(cfg, f) for f in KEY_FIELDS}
+    ident = {"version": FORMAT_VERSION, "source": source_fingerprint(cfg), "settings": settings}
+    if cfg.tokenizer:
+        ident["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
+    """The prepared data for cfg: reused from the cache, or built once and cached."""
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer)  # fail early, before hashing, on a missing/bad file
+    key = cache_key(cfg)
+    root = Path(cfg.cache_dir).expanduser() / "data" / key
+    with _lock(root.with_suffix(".lock")):
+        if not (root / "manifest.json").is_file():
+            remove_stale_temps(root.parent)
+            with atomic_dir(root) as tmp:
+                _build(cfg, key, tmp, progress)
+        else:
+            log.info("data: reusing %s", root)
+    return PreparedData(root, json.loads((root / "manifest.json").read_text()))
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive file lock: one process prepares, the others wait and then reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _select(cfg: DataConfig, docs: datasets.Dataset) -> tuple[np.ndarray, int]:
+    """Indices of usable documents (non-empty, not excluded, subsampled) and the empty count."""
+    excluded = set(cfg.exclude_domains)
+    keep, empty = [], 0
+    for i, (text, domain) in enumerate(zip(docs["text"], docs["domain"])):
+        if not text or not text.strip():
+            empty += 1
+        elif domain not in excluded:
+            keep.append(i)
+    keep_idx = np.asarray(keep, dtype=np.int64)
+    if cfg.max_documents and len(keep_idx) > cfg.max_documents:
+        rng = np.random.default_rng([cfg.seed, 1])
+        keep_idx = np.sort(rng.choice(keep_idx, cfg.max_documents, replace=False))
+    if len(keep_idx) < 2:
+        where = cfg.path or "the embedded corpus"
+        raise DataError(f"data.path: {where} has {len(keep_idx)} usable non-empty documents; need at least 2")
+    return keep_idx, empty
+
+
+def split_documents(doc_idx: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Seeded split by document; each split's order is random (data.order = random)."""
+    perm = np.random.default_rng([cfg.seed, 2]).permutation(doc_idx)
+    num_val = min(max(1, round(cfg.val_fraction * len(perm))), len(perm) - 1)
+    return {"train": perm[num_val:], "val": perm[:num_val]}
+
+
+def _tokenizer_for(cfg: DataConfig, docs: datasets.Dataset, train_idx: np.ndarray):
+    """The configured tokenizer, or a BPE trained on the training documents."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer), False
+    log.info("data: training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_idx))
+    train_docs = docs.select(np.sort(train_idx))
+    texts = (batch["text"] for batch in train_docs.iter(batch_size=ENCODE_BATCH))
+    return train_bpe(texts, cfg.vocab_size), True
+
+
+def _write_split(writer: SplitWriter, docs, order, tok, eod, domain_ids, progress, name) -> dict:
+    """Tokenize the documents of one split in order (batched, parallel) and pack them."""
+    bar = tqdm(total=len(order), desc=f"tokenize {name}", disable=not progress, unit="doc")
+    for start in range(0, len(order), ENCODE_BATCH):
+        chunk = order[start : start + ENCODE_BATCH]
+        rows = docs.select(chunk)
+        for doc_id, enc, domain in zip(chunk, tok.encode_batch(rows["text"]), rows["domain"]):
+            writer.add(enc.ids, eod, domain_ids[domain], int(doc_id))
+        bar.update(len(chunk))
+    bar.close()
+    return writer.close()
+
+
+def unigram_perplexity(train: PackedSplit, val: PackedSplit, vocab_size: int) -> float:
+    """Perplexity of val under add-one-smoothed unigram frequencies of train (the floor to beat)."""
+    counts = np.bincount(np.asarray(train.tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[np.asarray(val.tokens[1:])].mean()))
+
+
+def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
+    """Prepare everything into out (a temp dir renamed by the caller)."""
+    docs = load_documents(cfg, Path(cfg.cache_dir).expanduser() / "hf")
+    doc_idx, empty = _select(cfg, docs)
+    splits = split_documents(doc_idx, cfg)
+    tok, trained = _tokenizer_for(cfg, docs, splits["train"])
+    tok.save(str(out / "tokenizer.json"))
+    eod = eod_id(tok, "data.tokenizer")
+    vocab = tok.get_vocab_size()
+    domain_col = docs["domain"]
+    domains = sorted({domain_col[int(i)] for i in doc_idx})
+    domain_ids = {d: i for i, d in enumerate(domains)}
+    dtype = token_dtype(vocab)
+    counts = {
+        name: _write_split(SplitWriter(out / name, dtype), docs, idx, tok, eod, domain_ids, progress, name)
+        for name, idx in splits.items()
+    }
+    ppl = unigram_perplexity(PackedSplit(out / "train", dtype), PackedSplit(out / "val", dtype), vocab)
+    manifest = {
+        "key": key,
+        "format_version": FORMAT_VERSION,
+        "settings": {f: getattr(cfg, f) for f in KEY_FIELDS},
+        "source": cfg.path or "embedded: Python standard-library sources",
+        "tokenizer": {"vocab_size": vocab, "eod_id": eod, "eod": tok.id_to_token(eod), "trained": trained},
+        "dtype": dtype.name,
+        "domains": domains,
+        "documents": {"total": len(docs), "empty_skipped": empty, "used": len(doc_idx)},
+        "splits": counts,
+        "unigram_val_ppl": ppl,
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_write_json(out / "manifest.json", manifest)

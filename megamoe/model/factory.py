@@ -1,0 +1,72 @@
+"""The layer factory: how the model gets its linears, embedding, LM head and loss.
+
+Shape legend: B batch, L sequence, D model width, V vocabulary, I/O in/out features.
+Hidden states are sequence-first (L, B, D), Megatron's layout, so sequence parallelism can split
+them along dim 0. The default factory builds plain single-device torch layers; `megamoe/parallel`
+supplies a subclass whose layers are megatron-core's tensor-parallel ones, so the same model code
+runs on every layout. Every module keeps its parameter named `weight`, so checkpoints of all
+layouts share one set of names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SeqFirstEmbedding(nn.Embedding):
+    """Token embedding: tokens_BL → h_LBD."""
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Look up the transposed token ids."""
+        return super().forward(tokens_BL.t())
+
+
+class Head(nn.Linear):
+    """Untied LM head: h_LBD → logits_LBV (the weight argument is ignored)."""
+
+    def forward(self, h_LBD: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Project to the vocabulary."""
+        return super().forward(h_LBD)
+
+
+class TiedHead(nn.Module):
+    """LM head that reuses the input embedding matrix; it owns no parameters."""
+
+    def forward(self, h_LBD: torch.Tensor, weight_VD: torch.Tensor | None = None) -> torch.Tensor:
+        """Project through the embedding matrix."""
+        assert weight_VD is not None, "a tied head needs the embedding weight"
+        return F.linear(h_LBD, weight_VD)
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Builds the model's layers; subclasses shard them over tensor-parallel ranks."""
+
+    tp_size: int = 1
+    """Ranks each column/row linear is split over (the model divides head counts by it)."""
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        """Linear whose output features are split over TP ranks: x_LBI → y_LB(O/tp)."""
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        """Linear whose input features are split over TP ranks and outputs summed: x_LB(I/tp) → y_LBO."""
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        """Token embedding tokens_BL → h_LBD (rows split over TP ranks in the parallel factory)."""
+        return SeqFirstEmbedding(vocab_size, dim)
+
+    def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
+        """Output projection h_LBD → (vocab-parallel) logits_LBV; tied heads take the embedding weight."""
+        return TiedHead() if tied else Head(dim, vocab_size, bias=False)
+
+    def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy in fp32 over the (possibly vocab-parallel) logits → loss_BL."""
+        targets_LB = targets_BL.t()
+        loss = F.cross_entropy(logits_LBV.float().flatten(0, 1), targets_LB.flatten(), reduction="none")
+        return loss.view_as(targets_LB).t()

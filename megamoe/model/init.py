@@ -1,0 +1,60 @@
+"""Megatron-style initialization that does not depend on the parallel layout.
+
+Every weight is drawn N(0, init_std) — residual output projections N(0, init_std/√(2·layers)) —
+from a generator seeded by (seed, parameter name). A sharded parameter carries a `shard` attribute
+(dim, rank, world): the full tensor is drawn and the rank keeps its slice, so each layout holds
+exactly the single-process weights. Norm scales start at 1.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from megamoe.config import ModelConfig
+
+RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
+"""Parameter-name suffixes of the projections that write into the residual stream."""
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one named parameter."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def init_std_for(name: str, cfg: ModelConfig) -> float:
+    """The init std of the parameter called name."""
+    if name.endswith(RESIDUAL_OUTPUTS):
+        return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return cfg.init_std
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the unsharded tensor of which param is one rank's slice."""
+    shape = list(param.shape)
+    shard = getattr(param, "shard", None)
+    if shard is not None:
+        dim, _, world = shard
+        shape[dim] *= world
+    return tuple(shape)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialize every parameter of model in place (norm scales → 1, weights → seeded normal)."""
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            continue
+        if param.ndim == 1:
+            param.fill_(1.0)
+            continue
+        gen = torch.Generator().manual_seed(param_seed(seed, name))
+        full = torch.normal(0.0, init_std_for(name, cfg), full_shape(param), generator=gen)
+        shard = getattr(param, "shard", None)
+        if shard is not None:
+            dim, rank, world = shard
+            full = full.chunk(world, dim=dim)[rank]
+        param.copy_(full)

@@ -1,0 +1,55 @@
+"""Parameter and FLOP counts, computed from a model built on the meta device (no memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megamoe.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of one model (per rank when built with a sharded factory)."""
+
+    total: int
+    """Every parameter."""
+    active: int
+    """Parameters that touch one token (dense model: all)."""
+    embedding: int
+    """Input-embedding parameters (a lookup, no FLOPs)."""
+
+
+def count_parameters(model: nn.Module) -> ParamCounts:
+    """Total, active-per-token and embedding parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embed."))
+    return ParamCounts(total=total, active=total, embedding=embedding)
+
+
+def meta_counts(cfg: ModelConfig) -> ParamCounts:
+    """Parameter counts of the single-device model for cfg, without allocating it."""
+    from megamoe.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return count_parameters(Transformer(cfg))
+
+
+def flops_per_token(cfg: ModelConfig, counts: ParamCounts) -> float:
+    """Training FLOPs per token, counted as megatron-core does.
+
+    6 per active matmul weight (forward 2, backward 4) plus attention scores and values,
+    12·layers·d_model·seq_len (the full, not causally halved, attention matrix).
+    """
+    matmul = counts.active - counts.embedding - _norm_params(cfg)
+    if cfg.tie_embeddings:
+        matmul += cfg.vocab_size * cfg.d_model  # the embedding matrix is also the LM head
+    attention = 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
+    return 6.0 * matmul + attention
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    """RMSNorm scales: two per block and the final one."""
+    return (2 * cfg.num_layers + 1) * cfg.d_model

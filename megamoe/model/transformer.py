@@ -1,0 +1,83 @@
+"""The decoder-only transformer (LLaMA-style): pre-norm blocks of attention and FFN.
+
+Shape legend: B batch, L sequence, D model width, V vocabulary (per tensor-parallel rank for logits).
+Token ids and losses are batch-first (B, L); hidden states are sequence-first (L, B, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megamoe.config import ModelConfig
+from megamoe.model.attention import Attention
+from megamoe.model.factory import LayerFactory
+from megamoe.model.init import init_parameters
+from megamoe.model.layers import RMSNorm, Rotary, SwiGLU
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns."""
+
+    logits_BLV: torch.Tensor
+    """Logits (the local vocabulary shard under tensor parallelism)."""
+    token_loss_BL: torch.Tensor | None = None
+    """Per-token next-token cross-entropy in fp32, when targets were given."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean cross-entropy over all tokens."""
+        assert self.token_loss_BL is not None, "forward was called without targets"
+        return self.token_loss_BL.mean()
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, factory)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
+
+    def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        """One block."""
+        x_LBD = x_LBD + self.attn(self.attn_norm(x_LBD), rotary)
+        return x_LBD + self.ffn(self.ffn_norm(x_LBD))
+
+
+class Transformer(nn.Module):
+    """Embedding → blocks → final norm → LM head (optionally tied to the embedding)."""
+
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
+        self.cfg = cfg
+        self.factory = factory or LayerFactory()
+        self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, self.factory) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+
+    def forward(self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> ModelOutput:
+        """Logits for every position, and per-token losses when targets are given."""
+        h_LBD = self.embed(tokens_BL)
+        for layer in self.layers:
+            h_LBD = layer(h_LBD, self.rotary)
+        tied_weight = self.embed.weight if self.cfg.tie_embeddings else None
+        logits_LBV = self.lm_head(self.norm(h_LBD), tied_weight)
+        token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
+        return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL)
+
+
+def build_model(cfg: ModelConfig, seed: int, factory: LayerFactory | None = None) -> Transformer:
+    """A Transformer with every parameter initialized from (seed, parameter name)."""
+    model = Transformer(cfg, factory)
+    init_parameters(model, cfg, seed)
+    return model

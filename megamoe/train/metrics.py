@@ -1,0 +1,97 @@
+"""Metric sinks: <run_dir>/metrics.jsonl always, W&B (offline by default) and TensorBoard if asked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megamoe.config import LoggingConfig
+from megamoe.errors import ConfigError
+from megamoe.utils.fs import atomic_write_text
+
+
+def _wandb_env(run_dir: Path) -> None:
+    """Keep every W&B file inside the run directory (nothing lands in $HOME)."""
+    folder = str(run_dir / "wandb")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        os.environ.setdefault(var, folder)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class MetricSinks:
+    """Fan one dict of scalars out to every configured sink (only on the logging rank)."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, resume_step: int | None):
+        self.run_dir = run_dir
+        if resume_step is not None:
+            _truncate_after(run_dir / "metrics.jsonl", resume_step)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
+        self._wandb = self._init_wandb(cfg, run_dir, config, resume_step is not None)
+        self._tb = self._init_tensorboard(cfg, run_dir)
+
+    @staticmethod
+    def _init_wandb(cfg: LoggingConfig, run_dir: Path, config: dict, resume: bool):
+        """A W&B run, or None when logging.wandb.mode is disabled."""
+        if cfg.wandb.mode == "disabled":
+            return None
+        _wandb_env(run_dir)
+        import wandb
+
+        (run_dir / "wandb").mkdir(exist_ok=True)
+        return wandb.init(
+            mode=cfg.wandb.mode,
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity or None,
+            name=run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            id=run_dir.name,
+            resume="allow" if resume else None,
+        )
+
+    @staticmethod
+    def _init_tensorboard(cfg: LoggingConfig, run_dir: Path):
+        """A TensorBoard SummaryWriter, or None."""
+        if not cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "logging.tensorboard", "needs the tensorboard package (pip install tensorboard)"
+            ) from None
+        return SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record scalars at an optimizer step."""
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records logged after `step` (a resumed run logs those steps again)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of <run_dir>/metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

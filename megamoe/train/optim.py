@@ -1,0 +1,55 @@
+"""AdamW (decay on matrices only) and the warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megamoe.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices get weight decay; vectors (norm scales) do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (lr is set per step by the schedule)."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=False,
+    )
+
+
+def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    """Warm-up length in steps (optim.warmup_steps, else the fraction of the run)."""
+    return cfg.warmup_steps or int(cfg.warmup_fraction * max_steps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate of the update made at 0-indexed step."""
+    warm = warmup_steps(cfg, max_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    floor = cfg.lr * cfg.min_lr_ratio
+    progress = min((step - warm) / max(max_steps - warm, 1), 1.0)
+    if cfg.decay_style == "constant":
+        return cfg.lr
+    if cfg.decay_style == "linear":
+        return cfg.lr - (cfg.lr - floor) * progress
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every param group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,189 @@
+"""Training end to end: resume equivalence, preemption, checkpoint safety, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import megamoe.train.checkpoint as ckpt
+from megamoe.errors import CheckpointError, MegamoeError
+from megamoe.train.metrics import read_metrics
+from megamoe.train.run import setup_run
+from megamoe.train.trainer import Trainer
+from tests.util import TINY, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train(cache: Path, run_dir: Path, *extra: str, resume: bool = False) -> dict:
+    """Run the tiny config in this process; returns the summary (with the trainer under '_trainer')."""
+    cfg = tiny_config(cache, run_dir, *extra)
+    trainer = Trainer(setup_run(cfg, resume=resume, progress=False))
+    return {**trainer.fit(), "_trainer": trainer}
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train loss) pairs logged by a run."""
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+def test_resume_continues_exactly(data_cache, tiny_data, tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 more: identical losses and weights."""
+    straight = tmp_path / "straight"
+    whole = train(data_cache, straight)
+    split = tmp_path / "split"
+    train(data_cache, split, "train.max_steps=3")
+    resumed = train(data_cache, split, resume=True)
+    assert resumed["step"] == 6
+    assert losses(split) == losses(straight)
+    assert [s for s, _ in losses(split)] == [1, 2, 3, 4, 5, 6]
+    evals = [[r["eval/loss"] for r in read_metrics(run) if "eval/loss" in r] for run in (split, straight)]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
+    final = whole["_trainer"].model.state_dict()
+    for name, tensor in resumed["_trainer"].model.state_dict().items():
+        assert torch.equal(tensor, final[name]), name
+
+
+def test_run_dir_layout(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    summary = train(data_cache, run, "logging.tensorboard=true", "logging.wandb.mode=offline")
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000003", "step_00000006"]
+    assert any((run / "tensorboard").iterdir())
+    assert any((run / "wandb").rglob("*.wandb")), "wandb offline run files live in the run dir"
+    assert summary["eval/ppl"] == pytest.approx(math.exp(summary["eval/loss"]))
+    assert len([k for k in summary if k.startswith("eval/ppl/")]) >= 2, "per-domain perplexity"
+    saved = (run / "config.yaml").read_text()
+    assert "vocab_size: 512" in saved  # the resolved vocabulary
+    assert json.loads((run / "summary.json").read_text())["step"] == 6
+
+
+def test_keep_checkpoints_prunes_oldest(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.checkpoint_interval=1", "train.keep_checkpoints=2")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000005", "step_00000006"]
+
+
+def test_preemption_saves_and_resumes(data_cache, tiny_data, tmp_path, monkeypatch):
+    """SIGTERM mid-run: the step finishes, a checkpoint is saved, resume matches a straight run."""
+    straight = tmp_path / "straight"
+    train(data_cache, straight, "train.checkpoint_interval=0")
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        out = original(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    run = tmp_path / "run"
+    summary = train(data_cache, run, "train.checkpoint_interval=0")
+    assert summary["preempted"] == "SIGTERM" and summary["step"] == 2
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002"]
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train(data_cache, run, "train.checkpoint_interval=0", resume=True)
+    assert losses(run) == losses(straight)
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(data_cache, tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+
+    def broken_save(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.dcp, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(data_cache, run, "train.max_steps=4", resume=True)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000003"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "temp dir removed"
+    monkeypatch.undo()
+    assert train(data_cache, run, "train.max_steps=4", resume=True)["step"] == 4
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    latest = ckpt.latest_checkpoint(run)
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = sorted(p.name for p in latest.iterdir())
+    with pytest.raises(CheckpointError, match=r"step_00000003: checkpoint is corrupt or incomplete"):
+        train(data_cache, run, "train.max_steps=4", resume=True)
+    assert sorted(p.name for p in latest.iterdir()) == before, "nothing is deleted on a failed load"
+
+
+def test_incompatible_checkpoint_names_the_key(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    with pytest.raises(CheckpointError, match=r"incompatible with the config: model.d_model=32 \(config has 64\)"):
+        train(data_cache, run, "train.max_steps=4", "model.d_model=64", resume=True)
+
+
+def test_resume_without_checkpoint_and_overwrite_guard(data_cache, tiny_data, tmp_path):
+    with pytest.raises(MegamoeError, match="--resume: no checkpoint in"):
+        train(data_cache, tmp_path / "empty", resume=True)
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    with pytest.raises(MegamoeError, match="already holds checkpoints; pass --resume"):
+        train(data_cache, run)
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python -m megamoe ...` as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "megamoe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_train_smoke(data_cache, tiny_data, tmp_path):
+    """`megamoe train` on the embedded corpus: trains, reports perplexity, resumes from its run dir."""
+    overrides = [*TINY, f"data.cache_dir={data_cache}", "logging.wandb.mode=offline"]
+    res = cli("train", *overrides, "train.name=smoke", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "validation perplexity" in res.stdout and "unigram baseline" in res.stdout
+    run_dir = Path(res.stdout.strip().splitlines()[-1].split("run directory: ")[1])
+    assert run_dir.parent.name == "runs" and run_dir.name.startswith("smoke-")
+    res = cli("train", str(tmp_path / run_dir), "train.max_steps=8", "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / run_dir / "summary.json").read_text())["step"] == 8
+
+
+def test_cli_dry_run_and_config(tmp_path):
+    res = cli("train", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "d_model: 256" in res.stdout and "vocab_size: 4096" in res.stdout
+    assert "# parameters: total 5,310,720 | active 5,310,720" in res.stdout
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+    keys = cli("config", "--keys", cwd=tmp_path)
+    assert "| `optim.lr` | float | `0.003` |" in keys.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["train", "model.d_modle=64"],
+            "megamoe: error: model.d_modle: unknown config key (in a command-line override); "
+            "did you mean 'model.d_model'?",
+        ),
+        (["train", "optim.lr=-1", "--dry-run"], "megamoe: error: optim.lr: must be > 0, got -1.0"),
+        (["train", "missing.yaml"], "megamoe: error: config file"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    res = cli(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), res.stderr

@@ -1,0 +1,37 @@
+"""Shared test helpers: tiny configs and prepared tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megamoe.config import Config, load_config
+
+TINY = [
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.seq_len=32",
+    "data.max_documents=60",
+    "data.vocab_size=512",
+    "data.val_fraction=0.1",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.max_steps=6",
+    "train.eval_interval=3",
+    "train.eval_batches=2",
+    "train.checkpoint_interval=3",
+    "optim.warmup_steps=2",
+    "logging.log_interval=1",
+    "logging.progress=false",
+    "logging.wandb.mode=disabled",
+]
+"""Overrides for a model and corpus small enough for a unit test."""
+
+
+def tiny_config(cache_dir: Path, run_dir: Path | None = None, *extra: str) -> Config:
+    """The tiny config with its data cache (and run dir) in test folders."""
+    overrides = [*TINY, f"data.cache_dir={cache_dir}"]
+    if run_dir is not None:
+        overrides.append(f"train.run_dir={run_dir}")
+    return load_config(None, [*overrides, *extra])
