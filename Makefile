@@ -46,6 +46,7 @@ lint: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/parallel_throughput.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

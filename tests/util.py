@@ -35,3 +35,16 @@ def tiny_config(cache_dir: Path, run_dir: Path | None = None, *extra: str) -> Co
     if run_dir is not None:
         overrides.append(f"train.run_dir={run_dir}")
     return load_config(None, [*overrides, *extra])
+
+
+def single_process_trainer(cfg: Config, resume: bool = False):
+    """A Trainer for cfg in this process (the single-process reference layout)."""
+    import torch
+
+    from megamoe.parallel.groups import local_groups
+    from megamoe.parallel.layout import resolve_layout
+    from megamoe.train.run import setup_run
+    from megamoe.train.trainer import Trainer
+
+    groups = local_groups(resolve_layout(cfg, 1), torch.device("cpu"))
+    return Trainer(setup_run(cfg, resume=resume, progress=False), groups)

@@ -6,10 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from megamoe.errors import MegamoeError
-
-COMMANDS = ("train", "data", "config")
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -23,21 +22,24 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from megamoe.cli import config_cmd, data_cmd, train_cmd
+    from megamoe.cli import config_cmd, data_cmd, export_cmd, train_cmd
 
     parser = argparse.ArgumentParser(prog="megamoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_cmd.add_parser(sub)
     data_cmd.add_parser(sub)
     config_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     return parser
 
 
 def setup_logging() -> None:
     """INFO lines on stderr; quiet third-party loggers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("datasets", "urllib3", "filelock", "torch.distributed", "DeepSpeed"):
+    for noisy in ("datasets", "urllib3", "filelock", "torch.distributed", "DeepSpeed", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # megatron-core announces at import that it falls back to torch kernels without TE/apex: expected here.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags or (extra and not hasattr(args, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.args = [*args.args, *extra]  # overrides written after a flag (`train RUN --resume k=v`)
     setup_logging()
     try:
         return int(args.func(args) or 0)

@@ -1,8 +1,13 @@
-"""`megamoe train`: train (or resume) one run; `--dry-run` prints the config and parameter counts."""
+"""`megamoe train`: train (or resume) one run, single-process or under torchrun/SLURM.
+
+`--dry-run [--world-size N]` checks the parallel layout for N ranks and prints the resolved config
+with total, active and per-rank parameter counts, without starting any process.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -11,24 +16,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("args", nargs="*", metavar="CONFIG|RUN_DIR|key=value", help="a YAML file or run dir, and overrides")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: validate the layout for N ranks")
     p.set_defaults(func=run)
 
 
-def dry_run(cfg) -> int:
-    """Print the resolved config and the total/active parameter counts without training."""
+def dry_run(cfg, world: int) -> int:
+    """Validate the layout for `world` ranks; print the config and total/active/per-rank parameter counts."""
     from megamoe.config import config_to_yaml
     from megamoe.config.resolve import with_vocab
     from megamoe.data.tokenizer import load_tokenizer
     from megamoe.model.params import flops_per_token, meta_counts
+    from megamoe.parallel.layout import resolve_layout
 
     if cfg.data.tokenizer:
         vocab, source = load_tokenizer(cfg.data.tokenizer).get_vocab_size(), cfg.data.tokenizer
     else:
         vocab, source = cfg.data.vocab_size, "data.vocab_size"
     cfg = with_vocab(cfg, vocab, source)
+    layout = resolve_layout(cfg, world)
+    from megamoe.parallel.specs import ShardShapeFactory  # imports megatron-core: after validation
+
     counts = meta_counts(cfg.model)
+    per_rank = meta_counts(cfg.model, ShardShapeFactory(layout.tp))
     print(config_to_yaml(cfg), end="")
+    print(f"# layout: {layout.describe()} on {world} rank(s), {layout.micro_batches} micro-batch(es) per step")
     print(f"# parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
+    print(f"# parameters per rank: {per_rank.total:,} (model replicas: {layout.dp})")
     print(f"# training FLOPs per token: {flops_per_token(cfg.model, counts):,.0f}")
     return 0
 
@@ -36,15 +49,38 @@ def dry_run(cfg) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train, or print the dry run."""
     from megamoe.cli.main import split_config_args
-    from megamoe.train.run import load_run_config, setup_run
-    from megamoe.train.trainer import Trainer
+    from megamoe.parallel.groups import launched_world_size
+    from megamoe.parallel.layout import resolve_layout
+    from megamoe.train.run import load_run_config
 
     cfg = load_run_config(*split_config_args(args.args))
+    world = launched_world_size()
     if args.dry_run:
-        return dry_run(cfg)
-    setup = setup_run(cfg, resume=args.resume, progress=cfg.logging.progress)
-    summary = Trainer(setup).fit()
-    _print_summary(summary)
+        return dry_run(cfg, args.world_size or world)
+    layout = resolve_layout(cfg, world)
+    return _train(cfg, layout, args.resume)
+
+
+def _train(cfg, layout, resume: bool) -> int:
+    """Set up the process groups, train, tear them down."""
+    from megamoe.parallel.groups import destroy_groups, init_groups, local_groups
+    from megamoe.train.run import setup_run
+    from megamoe.train.trainer import Trainer, pick_device
+
+    if layout.world > 1:
+        groups = init_groups(layout, cfg.parallel.timeout_s, cfg.train.seed)
+        if not groups.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+    else:
+        groups = local_groups(layout, pick_device(cfg.train.device))
+    try:
+        setup = setup_run(cfg, resume=resume, progress=cfg.logging.progress and groups.is_main)
+        summary = Trainer(setup, groups).fit()
+    finally:
+        if layout.world > 1:
+            destroy_groups()
+    if groups.is_main:
+        _print_summary(summary)
     return 0
 
 

@@ -184,7 +184,7 @@ def coerce(value: object, tp: object, key: str, where: str = CLI) -> object:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
             raise ConfigError(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r} (in {where})")
         return value
     if origin is list:

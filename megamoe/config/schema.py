@@ -113,25 +113,32 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Parallel degrees; their product with data parallel must equal the world size."""
+    """Parallel degrees (checked against the world size at launch) and the data-parallel engine."""
 
     tensor_parallel: int = 1
-    """Tensor-parallel degree (attention heads, FFN width and vocabulary are split)."""
+    """Tensor-parallel degree: attention heads, FFN width and vocabulary are split over this many ranks."""
+    sequence_parallel: bool = False
+    """Also split norms, residuals and dropout-free regions along the sequence over the TP ranks."""
+    data_parallel: int = 0
+    """Data-parallel degree; 0 = world_size / tensor_parallel."""
     expert_parallel: int = 1
     """Expert-parallel degree (whole experts placed on different ranks)."""
     expert_tensor_parallel: int = 1
     """Tensor-parallel degree inside each expert (its FFN width is split)."""
-    data_parallel: int = 0
-    """Data-parallel degree; 0 = world_size / tensor_parallel."""
+    zero_stage: Literal[0, 1, 2] = 1
+    """DeepSpeed ZeRO stage over data parallel: 0 = all-reduce, 1 = shard optimizer state, 2 = also gradients."""
+    timeout_s: int = 600
+    """Collective timeout in seconds: a hung or failed rank makes the others fail after this long."""
 
     def validate(self) -> None:
         """Degrees are positive."""
-        _positive(self, "tensor_parallel", "expert_parallel", "expert_tensor_parallel")
+        _positive(self, "tensor_parallel", "expert_parallel", "expert_tensor_parallel", "timeout_s")
         _non_negative(self, "data_parallel")
-
-    def resolved_data_parallel(self, world_size: int) -> int:
-        """Data-parallel degree for a world of world_size ranks."""
-        return self.data_parallel or max(world_size // self.tensor_parallel, 1)
+        _check(
+            not self.sequence_parallel or self.tensor_parallel > 1,
+            "sequence_parallel",
+            "needs parallel.tensor_parallel > 1 (sequences are split over the TP ranks)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -212,17 +219,17 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch shape, evaluation, checkpoints and numerics of one run."""
 
-    max_steps: int = 300
+    max_steps: int = 270
     """Optimizer steps to train for."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass on one rank."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all data-parallel ranks and accumulation steps."""
-    eval_interval: int = 100
+    eval_interval: int = 90
     """Evaluate on the validation split every this many steps (and at the end); 0 = only at the end."""
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
-    checkpoint_interval: int = 100
+    checkpoint_interval: int = 90
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints; older ones are deleted."""

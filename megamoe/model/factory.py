@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.model.layers import RMSNorm
+
 
 class SeqFirstEmbedding(nn.Embedding):
     """Token embedding: tokens_BL → h_LBD."""
@@ -64,6 +66,10 @@ class LayerFactory:
     def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
         """Output projection h_LBD → (vocab-parallel) logits_LBV; tied heads take the embedding weight."""
         return TiedHead() if tied else Head(dim, vocab_size, bias=False)
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        """RMSNorm over the last dim (its weight gradient is summed over TP ranks under sequence parallelism)."""
+        return RMSNorm(dim, eps)
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in fp32 over the (possibly vocab-parallel) logits → loss_BL."""

@@ -5,11 +5,14 @@ Shape legend: B batch, L sequence, D model width, H heads, K head width, F FFN w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.model.factory import LayerFactory
+if TYPE_CHECKING:
+    from megamoe.model.factory import LayerFactory
 
 
 class RMSNorm(nn.Module):
@@ -20,11 +23,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def scale(self) -> torch.Tensor:
+        """The per-channel scale as used in forward (the sequence-parallel norm all-reduces its grad)."""
+        return self.weight
+
     def forward(self, x_LBD: torch.Tensor) -> torch.Tensor:
         """x / rms(x) · weight."""
         x32_LBD = x_LBD.float()
         normed_LBD = x32_LBD * torch.rsqrt(x32_LBD.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed_LBD * self.weight.float()).to(x_LBD.dtype)
+        return (normed_LBD * self.scale().float()).to(x_LBD.dtype)
 
 
 class Rotary(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megamoe.config import ModelConfig
+from megamoe.model.factory import LayerFactory
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,12 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     return ParamCounts(total=total, active=total, embedding=embedding)
 
 
-def meta_counts(cfg: ModelConfig) -> ParamCounts:
-    """Parameter counts of the single-device model for cfg, without allocating it."""
+def meta_counts(cfg: ModelConfig, factory: LayerFactory | None = None) -> ParamCounts:
+    """Parameter counts of the model for cfg (one rank's share with a sharded factory), without allocating it."""
     from megamoe.model.transformer import Transformer
 
     with torch.device("meta"):
-        return count_parameters(Transformer(cfg))
+        return count_parameters(Transformer(cfg, factory))
 
 
 def flops_per_token(cfg: ModelConfig, counts: ParamCounts) -> float:

@@ -15,7 +15,7 @@ from megamoe.config import ModelConfig
 from megamoe.model.attention import Attention
 from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
-from megamoe.model.layers import RMSNorm, Rotary, SwiGLU
+from megamoe.model.layers import Rotary, SwiGLU
 
 
 @dataclass
@@ -39,9 +39,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, factory)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
 
     def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Transformer(nn.Module):
         self.factory = factory or LayerFactory()
         self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, self.factory) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps)
         self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
 

@@ -1,42 +1,54 @@
-"""Checkpoints: torch.distributed.checkpoint (DCP) folders, written atomically.
+"""Checkpoints: torch.distributed.checkpoint (DCP) folders, written atomically, reshardable.
 
 <run_dir>/checkpoints/step_00000100/
-    .metadata, *.distcp   model and optimizer tensors, RNG states (DCP; tensors only)
-    meta.json             step, tokens seen, the model config, format version
-A checkpoint is written into a hidden temp folder and renamed once complete, so a crash or a
-preemption mid-save never corrupts the newest good one; `latest_checkpoint` ignores anything
-without meta.json.
+    .metadata, *.distcp   model parameters and AdamW moments, by parameter name, at their
+                          full (single-device) shapes; RNG state
+    meta.json             step, tokens seen, the model config, the layout it was written at
+Under tensor parallelism every tensor is a DTensor over the (dp, tp) device mesh, sharded the way
+its parameter is, so DCP writes each slice once and a later run at any other layout (or a single
+process) reads back exactly the slices it holds. The optimizer moments are saved unpartitioned
+(ZeRO partitions gathered), so they reshard the same way.
+
+A checkpoint is written into a hidden temp folder and renamed by rank 0 once every rank's shards
+are in, so a crash or preemption mid-save never corrupts the newest good one. `latest_checkpoint`
+ignores anything without meta.json. Loading never unpickles arbitrary objects: tensors are read
+with weights_only=True, and DCP's .metadata file with an allowlisting unpickler.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megamoe.errors import CheckpointError
-from megamoe.utils.fs import atomic_dir, atomic_write_json, remove_stale_temps
+from megamoe.train.dist import barrier, from_main, is_main
+from megamoe.utils.fs import atomic_write_json, remove_stale_temps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREFIX = "step_"
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
-@contextmanager
-def _quiet_dcp() -> Iterator[None]:
-    """Silence DCP's warning for single-process saves/loads (an intended mode here)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-        yield
+class Engine(Protocol):
+    """What a checkpoint needs from PlainEngine / ZeroEngine."""
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]: ...
+    def load_state(self, params: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], step: int) -> None: ...
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -63,36 +75,65 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    """RNG states as tensors (DCP stores tensors only)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+@contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Silence DCP's warning for single-process saves/loads (an intended mode here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        yield
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    """Restore RNG states saved by _rng_state."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _global(tensor: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor:
+    """tensor (shaped like param on this rank) as a global DTensor, or itself in a single process."""
+    if mesh is None:
+        return tensor
+    shard = getattr(param, "shard", None)
+    placements = [Replicate(), Shard(shard[0])] if shard else [Replicate(), Replicate()]
+    return DTensor.from_local(tensor, mesh, placements, run_check=False)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly distributed) tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _state(model: nn.Module, model_part: dict, optim_part: dict, mesh) -> dict:
+    """The DCP state dict: model and optimizer tensors by parameter name, plus RNG."""
+    params = dict(model.named_parameters())
+    return {
+        "model": {name: _global(t, params[name], mesh) for name, t in model_part.items()},
+        "optim": {key: _global(t, params[key.rsplit(".", 1)[0]], mesh) for key, t in optim_part.items()},
+        "rng": {"cpu": torch.get_rng_state()},
+    }
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep: int
+    run_dir: Path, step: int, model: nn.Module, engine: Engine, meta: dict, keep: int, mesh=None
 ) -> Path:
-    """Write the checkpoint of `step` atomically, then delete all but the newest `keep`."""
+    """Write the checkpoint of `step` (collectively), atomically; keep the newest `keep`."""
     final = step_dir(run_dir, step)
-    if final.exists():
+    main = is_main()
+    if from_main(final.exists()):
         return final
-    remove_stale_temps(checkpoints_root(run_dir))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with atomic_dir(final) as tmp:
+    tmp = final.parent / f".{final.name}.tmp"
+    if main:
+        remove_stale_temps(final.parent)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_part = {name: p.detach() for name, p in model.named_parameters()}
+    try:
         with _quiet_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=tmp)
-        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "format_version": FORMAT_VERSION})
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+            dcp.save(_state(model, model_part, engine.optimizer_state(), mesh), checkpoint_id=tmp)
+        barrier()
+        if main:
+            atomic_write_json(tmp / "meta.json", {**meta, "step": step, "format_version": FORMAT_VERSION})
+            os.rename(tmp, final)
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -118,6 +159,35 @@ def check_compatible(path: Path, saved: dict, current: dict, section: str = "mod
         raise CheckpointError(f"{path}: checkpoint is incompatible with the config: " + ", ".join(diffs))
 
 
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: only its own classes, torch sizes, dtypes and layouts, paths."""
+
+    MODULES = frozenset({"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"})
+    NAMES = frozenset({
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES or (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeReader(FileSystemReader):
+    """DCP reader whose .metadata is read with the allowlisting unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as fh:
+            metadata = _SafeUnpickler(fh).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def _describe(err: BaseException) -> str:
     """The root cause of a DCP failure in a few words."""
     failures = getattr(err, "failures", None)
@@ -128,17 +198,20 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, model_cfg: dict) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint; returns its meta."""
+@torch.no_grad()
+def load_checkpoint(path: Path, model: nn.Module, engine: Engine, model_cfg: dict, mesh=None) -> dict:
+    """Restore parameters, optimizer moments, step and RNG from a checkpoint of any layout; returns meta."""
     meta = read_meta(path)
     check_compatible(path, meta.get("model", {}), model_cfg)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
+    model_part = {name: torch.empty_like(p) for name, p in model.named_parameters()}
+    optim_part = {key: torch.empty_like(t) for key, t in engine.optimizer_state().items()}
+    state = _state(model, model_part, optim_part, mesh)
     try:
         with _quiet_dcp():
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path))
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise CheckpointError(f"{path}: checkpoint is corrupt or incomplete ({_describe(err)})") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    _set_rng_state(state["rng"])
+    params = {name: _local(t) for name, t in state["model"].items()}
+    engine.load_state(params, {k: _local(v) for k, v in state["optim"].items()}, int(meta["step"]))
+    torch.set_rng_state(state["rng"]["cpu"])
     return meta

@@ -6,7 +6,6 @@ Shape legend: B batch, L sequence, D domains.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -31,7 +30,6 @@ def eval_sums(
     seq_len: int,
     num_domains: int,
     device: torch.device,
-    autocast: AbstractContextManager,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token loss and token count per domain (float64, on CPU)."""
     was_training = model.training
@@ -40,8 +38,7 @@ def eval_sums(
     count_D = torch.zeros(num_domains, dtype=torch.float64)
     for ids in batches:
         batch = split.batch(ids, seq_len)
-        with autocast:
-            out = model(batch.tokens_BL.to(device), batch.targets_BL.to(device))
+        out = model(batch.tokens_BL.to(device), batch.targets_BL.to(device))
         domains = batch.domains_BL.flatten()
         loss_sum_D += torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
         count_D += torch.bincount(domains, minlength=num_domains).double()

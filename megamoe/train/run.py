@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from megamoe.config.resolve import with_vocab
 from megamoe.data import PreparedData, prepare_data
 from megamoe.errors import MegamoeError
 from megamoe.train.checkpoint import latest_checkpoint
+from megamoe.train.dist import barrier, from_main, is_main
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -48,9 +51,16 @@ def choose_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.train.name or 'default'}-{stamp}"
 
 
+def _prepare_once(cfg: Config, progress: bool) -> PreparedData:
+    """Rank 0 prepares the data; the other ranks wait, then reuse its cache."""
+    data = prepare_data(cfg.data, progress=progress) if is_main() else None
+    barrier()
+    return data or prepare_data(cfg.data, progress=False)
+
+
 def setup_run(cfg: Config, resume: bool, progress: bool = True) -> RunSetup:
-    """Pick the run dir, check resume/overwrite, prepare data, save the resolved config."""
-    run_dir = choose_run_dir(cfg)
+    """Pick the run dir, check resume/overwrite, prepare data, save the resolved config (rank 0)."""
+    run_dir = Path(str(from_main(str(choose_run_dir(cfg)))))
     resume_from = latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         raise MegamoeError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
@@ -58,10 +68,13 @@ def setup_run(cfg: Config, resume: bool, progress: bool = True) -> RunSetup:
         raise MegamoeError(
             f"train.run_dir: {run_dir} already holds checkpoints; pass --resume or choose another run dir"
         )
-    data = prepare_data(cfg.data, progress=progress)
+    data = _prepare_once(cfg, progress)
     cfg = with_vocab(cfg, data.vocab_size, str(data.tokenizer_path))
     cfg.train.run_dir = str(run_dir)
     cfg.train.name = cfg.train.name or run_dir.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        shutil.copyfile(data.tokenizer_path, run_dir / TOKENIZER_FILE)
+    barrier()
     return RunSetup(cfg, run_dir, data, resume_from)

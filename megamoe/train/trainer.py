@@ -1,30 +1,35 @@
-"""The training loop: accumulate micro-batches, step AdamW, evaluate, checkpoint, log.
+"""The training loop: accumulate micro-batches, step, evaluate, checkpoint, log — on one rank of any layout.
 
 Shape legend: B micro-batch, L sequence.
+The same loop runs a single process (PlainEngine, plain layers) and every distributed layout
+(ZeroEngine over DeepSpeed, megatron-core tensor-parallel layers when TP > 1). Everything that
+differs between layouts sits behind ParallelGroups, the layer factory and the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from megamoe.config import Config, config_to_dict
 from megamoe.data import PackedSplit, SequenceSampler
 from megamoe.errors import DataError
-from megamoe.model import build_model
-from megamoe.model.params import count_parameters, flops_per_token
+from megamoe.model import LayerFactory, build_model
+from megamoe.model.params import count_parameters, flops_per_token, meta_counts
+from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
+from megamoe.train.dist import any_rank, mean_over, sum_over
+from megamoe.train.engine import PlainEngine
 from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums
 from megamoe.train.flops import peak_tflops
 from megamoe.train.metrics import MetricSinks
-from megamoe.train.optim import build_optimizer, lr_at, set_lr
+from megamoe.train.optim import build_optimizer, lr_at
 from megamoe.train.preempt import PreemptionFlag
 from megamoe.train.run import RunSetup
 from megamoe.utils.fs import atomic_write_json
@@ -33,38 +38,58 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
-    """train.device resolved (auto = CUDA when available)."""
+    """train.device resolved for a single process (auto = CUDA when available)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast (auto: on CUDA only), else nothing."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """train.precision resolved: bf16 explicitly, or auto on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 class Trainer:
-    """One training run on one process."""
+    """One training run, seen from one rank."""
 
-    def __init__(self, setup: RunSetup):
+    def __init__(self, setup: RunSetup, groups: ParallelGroups):
         self.cfg: Config = setup.cfg
         self.run_dir: Path = setup.run_dir
         self.data = setup.data
-        self.device = pick_device(self.cfg.train.device)
+        self.groups = groups
         torch.manual_seed(self.cfg.train.seed)
-        self.model = build_model(self.cfg.model, self.cfg.train.seed).to(self.device)
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory()).to(groups.device)
+        self.engine = self._engine()
         self.train_split, self.val_split = self._splits()
         self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)
         self.step = 0
         if setup.resume_from is not None:
             self._resume(setup.resume_from)
-        self.counts = count_parameters(self.model)
+        self.counts = meta_counts(self.cfg.model)
         self.flops_per_token = flops_per_token(self.cfg.model, self.counts)
-        self.peak, self.peak_source = peak_tflops(self.device, self.cfg.logging.peak_tflops)
+        self.peak, self.peak_source = peak_tflops(groups.device, self.cfg.logging.peak_tflops)
+
+    def _factory(self) -> LayerFactory:
+        """Plain layers, or megatron-core tensor-parallel ones when TP > 1."""
+        if self.groups.tp.size == 1:
+            return LayerFactory()
+        from megamoe.parallel.specs import TensorParallelFactory
+
+        return TensorParallelFactory(self.groups.tp.size, self.groups.tp.group, self.cfg.parallel.sequence_parallel)
+
+    def _engine(self):
+        """PlainEngine in a single process, DeepSpeed's engine across processes."""
+        bf16 = uses_bf16(self.groups.device, self.cfg.train.precision)
+        layout = self.groups.layout
+        if not self.groups.distributed:
+            return PlainEngine(self.model, self.cfg.optim, layout.micro_batches, bf16)
+        from megamoe.parallel.zero import ZeroEngine, deepspeed_config
+
+        config = deepspeed_config(
+            self.cfg.train.micro_batch_size, layout.micro_batches, layout.dp,
+            self.cfg.parallel.zero_stage, self.cfg.optim.grad_clip, bf16,
+        )  # fmt: skip
+        return ZeroEngine(self.model, build_optimizer(self.model, self.cfg.optim), self.groups, config)
 
     def _splits(self) -> tuple[PackedSplit, PackedSplit]:
         """Train and val splits, each holding at least one full sequence."""
@@ -79,152 +104,154 @@ class Trainer:
         return splits
 
     def _resume(self, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, RNG and step."""
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, dataclasses.asdict(self.cfg.model))
+        """Continue from a checkpoint (of any layout): weights, optimizer, RNG and step."""
+        model_cfg = dataclasses.asdict(self.cfg.model)
+        meta = ckpt.load_checkpoint(path, self.model, self.engine, model_cfg, self.groups.mesh)
         if meta.get("data_key") != self.data.manifest["key"]:
             log.warning(
                 "resume: the data cache key changed (%s -> %s)", meta.get("data_key"), self.data.manifest["key"]
             )
         self.step = int(meta["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s (written at %s) at step %d", path, meta.get("layout"), self.step)
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens consumed by one optimizer step."""
+        """Tokens consumed by one optimizer step over all ranks."""
         return self.cfg.train.global_batch_size * self.cfg.model.seq_len
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The forward pass precision context."""
-        return autocast_for(self.device, self.cfg.train.precision)
+    def _batch(self, split: PackedSplit, ids: np.ndarray):
+        """Inputs and targets of some sequences, on this rank's device."""
+        batch = split.batch(ids, self.cfg.model.seq_len)
+        return batch.tokens_BL.to(self.groups.device), batch.targets_BL.to(self.groups.device)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over the global batch (gradient accumulation over micro-batches)."""
-        tcfg = self.cfg.train
+        """One optimizer step over the global batch (this rank's share, accumulated over micro-batches)."""
+        tcfg, dp = self.cfg.train, self.groups.dp
         lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, 0, 1, tcfg.micro_batch_size)
-        loss_sum = torch.zeros((), device=self.device)
+        self.engine.set_lr(lr)
+        micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, dp.rank, dp.size, tcfg.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.groups.device)
         for ids in micro:
-            batch = self.train_split.batch(ids, self.cfg.model.seq_len)
-            with self.autocast():
-                out = self.model(batch.tokens_BL.to(self.device), batch.targets_BL.to(self.device))
-            loss = out.loss / len(micro)
-            loss.backward()
+            tokens_BL, targets_BL = self._batch(self.train_split, ids)
+            with self.engine.autocast():
+                loss = self.model(tokens_BL, targets_BL).loss
+            self.engine.backward(loss)
             loss_sum += loss.detach()
-        clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        grad_norm = self.engine.step()
         self.step += 1
-        return {"train/loss": loss_sum.item(), "train/lr": lr, "train/grad_norm": grad_norm.item()}
+        loss = mean_over(loss_sum / len(micro), dp).item()
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics on the fixed eval slice."""
-        tcfg, seq_len = self.cfg.train, self.cfg.model.seq_len
-        batches = eval_indices(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches)
+        """Validation metrics on the fixed eval slice, split over the data-parallel ranks."""
+        tcfg, seq_len, dp = self.cfg.train, self.cfg.model.seq_len, self.groups.dp
+        batches = eval_indices(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches)[dp.rank :: dp.size]
         domains = self.data.domains
-        sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.device, self.autocast())
-        return eval_metrics(*sums, domains)
+        with self.engine.autocast():
+            sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.groups.device)
+        return eval_metrics(*(sum_over(s, dp) for s in sums), domains)
 
     def save(self, last_loss: float) -> Path:
-        """Checkpoint the current step."""
+        """Checkpoint the current step (collective)."""
         meta = {
             "model": dataclasses.asdict(self.cfg.model),
             "data_key": self.data.manifest["key"],
             "tokens": self.step * self.tokens_per_step,
             "train_loss": last_loss,
+            "layout": self.groups.layout.describe(),
         }
-        return ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, self.optimizer, meta, self.cfg.train.keep_checkpoints
-        )
+        keep = self.cfg.train.keep_checkpoints
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.engine, meta, keep, self.groups.mesh)
 
     def _due(self, interval: int) -> bool:
         """The current step is a multiple of a non-zero interval, or the last step."""
         return self.step == self.cfg.train.max_steps or (interval > 0 and self.step % interval == 0)
 
     def _throughput(self, steps: int, seconds: float) -> dict[str, float]:
-        """tokens/s and model-FLOP utilization over a window of steps."""
+        """tokens/s over all ranks, achieved TFLOP/s per device and model-FLOP utilization."""
         tps = steps * self.tokens_per_step / max(seconds, 1e-9)
-        out = {"perf/tokens_per_s": tps}
+        per_device = tps * self.flops_per_token / 1e12 / self.groups.world
+        out = {"perf/tokens_per_s": tps, "perf/tflops": per_device}
         if self.peak > 0:
-            out["perf/mfu"] = tps * self.flops_per_token / (self.peak * 1e12)
+            out["perf/mfu"] = per_device / self.peak
         return out
 
     def fit(self) -> dict:
         """Train to train.max_steps (or until preempted); returns the run summary."""
-        cfg = self.cfg
-        resume_step = self.step if self.step > 0 else None
-        sinks = MetricSinks(cfg.logging, self.run_dir, config_to_dict(cfg), resume_step)
+        main = self.groups.is_main
+        sinks = (
+            MetricSinks(self.cfg.logging, self.run_dir, config_to_dict(self.cfg), self.step or None) if main else None
+        )
         self._log_start()
         bar = tqdm(
-            total=cfg.train.max_steps, initial=self.step, disable=not cfg.logging.progress, desc="train", unit="step"
-        )
-        last_eval: dict[str, float] = {}
-        loss = float("nan")
-        window_start, window_steps, started = time.perf_counter(), 0, time.perf_counter()
+            total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step",
+            disable=not (main and self.cfg.logging.progress),
+        )  # fmt: skip
+        started = time.perf_counter()
         try:
             with PreemptionFlag() as preempt:
-                while self.step < cfg.train.max_steps and not preempt.raised:
-                    metrics = self.train_step()
-                    loss, window_steps = metrics["train/loss"], window_steps + 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                    if self._due(cfg.logging.log_interval):
-                        metrics |= self._throughput(window_steps, time.perf_counter() - window_start)
-                        window_start, window_steps = time.perf_counter(), 0
-                        sinks.log(self.step, metrics)
-                        self._log_line(metrics)
-                    if self._due(cfg.train.eval_interval):
-                        last_eval = self.evaluate()
-                        sinks.log(self.step, last_eval)
-                        log.info(
-                            "step %d: eval loss %.4f ppl %.2f", self.step, last_eval["eval/loss"], last_eval["eval/ppl"]
-                        )
-                    if self._due(cfg.train.checkpoint_interval):
-                        self.save(loss)
-                if preempt.raised:
-                    path = self.save(loss)
-                    log.warning(
-                        "%s received: saved %s; continue with `megamoe train %s --resume`",
-                        preempt.signal_name,
-                        path,
-                        self.run_dir,
-                    )
+                last_eval, loss, stopped = self._loop(sinks, bar, preempt)
         finally:
             bar.close()
-            sinks.close()
-        return self._summary(last_eval, loss, time.perf_counter() - started, preempt.signal_name)
+            if sinks is not None:
+                sinks.close()
+        return self._summary(last_eval, loss, time.perf_counter() - started, stopped)
+
+    def _loop(self, sinks: MetricSinks | None, bar, preempt: PreemptionFlag) -> tuple[dict, float, str | None]:
+        """Steps until the end or an agreed preemption; returns (last eval, last loss, signal name)."""
+        cfg = self.cfg
+        last_eval: dict[str, float] = {}
+        loss = float("nan")
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < cfg.train.max_steps:
+            metrics = self.train_step()
+            loss, window_steps = metrics["train/loss"], window_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if self._due(cfg.logging.log_interval):
+                metrics |= self._throughput(window_steps, time.perf_counter() - window_start)
+                window_start, window_steps = time.perf_counter(), 0
+                self._record(sinks, metrics)
+            if self._due(cfg.train.eval_interval):
+                last_eval = self.evaluate()
+                self._record(sinks, last_eval)
+            if self._due(cfg.train.checkpoint_interval):
+                self.save(loss)
+            if any_rank(preempt.raised):
+                path = self.save(loss)
+                name = preempt.signal_name or "a preemption signal on another rank"
+                log.warning("%s: saved %s; continue with `megamoe train %s --resume`", name, path, self.run_dir)
+                return last_eval, loss, name
+        return last_eval, loss, None
+
+    def _record(self, sinks: MetricSinks | None, metrics: dict[str, float]) -> None:
+        """Log metrics to the sinks and a compact line (logging rank only)."""
+        if sinks is None:
+            return
+        sinks.log(self.step, metrics)
+        if "eval/loss" in metrics:
+            log.info("step %d: eval loss %.4f ppl %.2f", self.step, metrics["eval/loss"], metrics["eval/ppl"])
+            return
+        mfu = metrics.get("perf/mfu")
+        log.info(
+            "step %d/%d: loss %.4f lr %.2e grad-norm %.3f %.0f tok/s %.3f TFLOP/s%s",
+            self.step, self.cfg.train.max_steps, metrics["train/loss"], metrics["train/lr"],
+            metrics["train/grad_norm"], metrics["perf/tokens_per_s"], metrics["perf/tflops"],
+            f" MFU {mfu:.1%}" if mfu is not None else "",
+        )  # fmt: skip
 
     def _log_start(self) -> None:
         """One line on what is being trained, where, and how MFU is counted."""
-        c = self.counts
+        local = count_parameters(self.model).total
         log.info(
-            "run %s | %s | params %.2fM total, %.2fM active | %.1f MFLOP/token | peak %.2f TFLOP/s (%s)",
-            self.run_dir,
-            self.device,
-            c.total / 1e6,
-            c.active / 1e6,
-            self.flops_per_token / 1e6,
-            self.peak,
-            self.peak_source,
-        )
-
-    def _log_line(self, metrics: dict[str, float]) -> None:
-        """A compact stdout line for the training metrics."""
-        mfu = metrics.get("perf/mfu")
-        log.info(
-            "step %d/%d: loss %.4f lr %.2e grad-norm %.3f %.0f tok/s%s",
-            self.step,
-            self.cfg.train.max_steps,
-            metrics["train/loss"],
-            metrics["train/lr"],
-            metrics["train/grad_norm"],
-            metrics["perf/tokens_per_s"],
-            f" MFU {mfu:.1%}" if mfu is not None else "",
-        )
+            "run %s | %s on %s | params %.2fM total, %.2fM active, %.2fM on this rank | %.1f MFLOP/token | "
+            "peak %.2f TFLOP/s (%s)",
+            self.run_dir, self.groups.layout.describe(), self.groups.device, self.counts.total / 1e6,
+            self.counts.active / 1e6, local / 1e6, self.flops_per_token / 1e6, self.peak, self.peak_source,
+        )  # fmt: skip
 
     def _summary(self, last_eval: dict[str, float], loss: float, seconds: float, preempted: str | None) -> dict:
-        """Final numbers of the run, also written to <run_dir>/summary.json."""
+        """Final numbers of the run, also written to <run_dir>/summary.json (rank 0)."""
         summary = {
             "run_dir": str(self.run_dir),
             "step": self.step,
@@ -232,8 +259,10 @@ class Trainer:
             "train_loss": loss,
             "seconds": seconds,
             "preempted": preempted,
+            "layout": self.groups.layout.describe(),
             "unigram_val_ppl": self.data.manifest["unigram_val_ppl"],
             **last_eval,
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.groups.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary

@@ -16,17 +16,15 @@ import torch
 import megamoe.train.checkpoint as ckpt
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.train.metrics import read_metrics
-from megamoe.train.run import setup_run
 from megamoe.train.trainer import Trainer
-from tests.util import TINY, tiny_config
+from tests.util import TINY, single_process_trainer, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def train(cache: Path, run_dir: Path, *extra: str, resume: bool = False) -> dict:
     """Run the tiny config in this process; returns the summary (with the trainer under '_trainer')."""
-    cfg = tiny_config(cache, run_dir, *extra)
-    trainer = Trainer(setup_run(cfg, resume=resume, progress=False))
+    trainer = single_process_trainer(tiny_config(cache, run_dir, *extra), resume)
     return {**trainer.fit(), "_trainer": trainer}
 
 
@@ -158,6 +156,52 @@ def test_cli_train_smoke(data_cache, tiny_data, tmp_path):
     res = cli("train", str(tmp_path / run_dir), "train.max_steps=8", "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / run_dir / "summary.json").read_text())["step"] == 8
+
+
+def test_cli_dry_run_world_size(tmp_path):
+    """--dry-run --world-size validates the layout and prints per-rank counts without any process group."""
+    res = cli("train", "--dry-run", "--world-size", "4", "parallel.tensor_parallel=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "# layout: tp2-dp2 on 4 rank(s), 1 micro-batch(es) per step" in res.stdout
+    # matrices halve, the 9 norm scales (9 × 256 = 2,304) stay whole: (5,310,720 - 2,304) / 2 + 2,304
+    assert "# parameters per rank: 2,656,512 (model replicas: 2)" in res.stdout
+    bad = cli("train", "--dry-run", "--world-size", "4", "parallel.tensor_parallel=3", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "megamoe: error: parallel.tensor_parallel: (3) must divide the world size (4)"
+
+
+def test_export_round_trip(data_cache, tiny_data, tmp_path):
+    """export → load: the same logits as the trained model; the export folder is complete."""
+    from megamoe.train.export import export_run, load_exported
+
+    run = tmp_path / "run"
+    trained = train(data_cache, run)["_trainer"].model.eval()
+    out = export_run(run, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(tokens).logits_BLV, trained(tokens).logits_BLV, rtol=0, atol=0)
+    res = cli("export", str(run), "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 2 and "already exists" in res.stderr
+
+
+def test_checkpoint_metadata_is_not_unpickled_freely(data_cache, tiny_data, tmp_path):
+    """A .metadata that names any other callable is refused, never executed."""
+    import pickle
+
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    latest = ckpt.latest_checkpoint(run)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (latest / ".metadata").write_bytes(pickle.dumps(Evil()))
+    refused = r"corrupt or incomplete .*metadata refers to posix.system, which is not allowed"
+    with pytest.raises(CheckpointError, match=refused):
+        train(data_cache, run, "train.max_steps=4", resume=True)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_dry_run_and_config(tmp_path):

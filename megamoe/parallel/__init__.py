@@ -1,0 +1,1 @@
+"""Parallelism: layout checks, process groups, tensor-parallel layers, DeepSpeed data parallelism."""

@@ -1,0 +1,106 @@
+"""The parallel layout of a run, resolved and checked against the world size before any process starts.
+
+Attention and dense layers use TP × DP = world. Experts use the folded plan EP × ETP × EDP = world.
+Every check raises a ConfigError that names the config keys and their values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamoe.config import Config
+from megamoe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved degrees of one run."""
+
+    world: int
+    tp: int
+    dp: int
+    ep: int
+    etp: int
+    edp: int
+    sp: bool
+    micro_batches: int
+    """Gradient-accumulation steps per optimizer step on each rank."""
+
+    def describe(self) -> str:
+        """A compact name such as tp2-dp2-sp."""
+        parts = [f"tp{self.tp}", f"dp{self.dp}"] + (["sp"] if self.sp else [])
+        if self.ep > 1 or self.etp > 1:
+            parts += [f"ep{self.ep}", f"etp{self.etp}"]
+        return "-".join(parts)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless ok."""
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def resolve_layout(cfg: Config, world: int) -> Layout:
+    """The layout of cfg on `world` ranks, or a ConfigError naming what does not fit."""
+    par, model, train = cfg.parallel, cfg.model, cfg.train
+    tp = par.tensor_parallel
+    degrees = tp * max(par.data_parallel, 1) * par.expert_parallel * par.expert_tensor_parallel
+    _require(
+        world > 1 or degrees == 1,
+        "parallel",
+        f"tensor_parallel={tp}, data_parallel={par.data_parallel}, expert_parallel={par.expert_parallel}, "
+        f"expert_tensor_parallel={par.expert_tensor_parallel} need several processes, but this is a single one: "
+        "launch with `torchrun --nproc-per-node N -m megamoe train ...` (launch/torchrun.sh)",
+    )
+    _require(world % tp == 0, "parallel.tensor_parallel", f"({tp}) must divide the world size ({world})")
+    dp = par.data_parallel or world // tp
+    _require(
+        tp * dp == world,
+        "parallel.data_parallel",
+        f"parallel.tensor_parallel ({tp}) × parallel.data_parallel ({dp}) = {tp * dp} "
+        f"must equal the world size ({world})",
+    )
+    _check_tp_divides(cfg, tp)
+    expert = par.expert_parallel * par.expert_tensor_parallel
+    _require(
+        world % expert == 0,
+        "parallel.expert_parallel",
+        f"parallel.expert_parallel ({par.expert_parallel}) × parallel.expert_tensor_parallel "
+        f"({par.expert_tensor_parallel}) = {expert} must divide the world size ({world})",
+    )
+    per_step = train.micro_batch_size * dp
+    _require(
+        train.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"({train.global_batch_size}) must be a multiple of train.micro_batch_size ({train.micro_batch_size}) "
+        f"× data-parallel degree ({dp}) = {per_step}",
+    )
+    if par.sequence_parallel:
+        _require(
+            model.seq_len % tp == 0,
+            "model.seq_len",
+            f"({model.seq_len}) must be divisible by parallel.tensor_parallel ({tp}) with sequence parallelism",
+        )
+    return Layout(
+        world=world, tp=tp, dp=dp, ep=par.expert_parallel, etp=par.expert_tensor_parallel,
+        edp=world // expert, sp=par.sequence_parallel, micro_batches=train.global_batch_size // per_step,
+    )  # fmt: skip
+
+
+def _check_tp_divides(cfg: Config, tp: int) -> None:
+    """Every dimension that tensor parallelism splits is divisible by tp."""
+    model = cfg.model
+    splits = {
+        "model.num_heads": model.num_heads,
+        "model.num_kv_heads": model.kv_heads,
+        "model.ffn_hidden_size": model.ffn_hidden,
+    }
+    for key, value in splits.items():
+        _require(value % tp == 0, key, f"({value}) must be divisible by parallel.tensor_parallel ({tp})")
+    if model.vocab_size:
+        _require(
+            model.vocab_size % tp == 0,
+            "model.vocab_size",
+            f"({model.vocab_size}, padded) must be divisible by parallel.tensor_parallel ({tp}); "
+            f"make model.vocab_multiple a multiple of {tp}",
+        )

@@ -1,0 +1,201 @@
+"""Tensor-parallel layers for the model's layer factory: the only file that names megatron-core's classes.
+
+Shape legend: L sequence (S = L/tp under sequence parallelism), B batch, D width, I/O features,
+V vocabulary (per TP rank where split).
+
+The parameters come from megatron-core's ColumnParallelLinear / RowParallelLinear /
+VocabParallelEmbedding: their partitioning, their `tensor_model_parallel` / `partition_dim`
+attributes (which DeepSpeed reads to count sharded gradients once in the global norm) and
+megatron's loss, vocab_parallel_cross_entropy. The forward is megatron-core's communication
+mapping (copy-to / reduce-from the TP region) around F.linear. Under sequence parallelism it uses
+megamoe.parallel.comm instead, because megatron's fused linear and its sequence mappings allocate
+on CUDA. Every sharded parameter also gets `shard = (dim, rank, tp)`: the seeded init then hands
+each rank its slice of the single-process weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from megamoe.model.factory import LayerFactory
+from megamoe.model.layers import RMSNorm
+from megamoe.parallel.comm import gather_sequence, reduce_scatter_sequence, scatter_sequence
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """megatron-core's init hook; megamoe initializes every parameter itself (model/init.py)."""
+
+
+def _mark_shard(param: nn.Parameter, dim: int, group: dist.ProcessGroup) -> None:
+    """Record which slice of the full tensor this rank holds (ours and megatron-core's attributes).
+
+    megatron-core sets `tensor_model_parallel` only when it initializes the weight itself; without it
+    DeepSpeed would count a sharded gradient as replicated (TP rank 0 only) in the clipping norm.
+    """
+    param.shard = (dim, dist.get_rank(group), dist.get_world_size(group))
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
+def _enter_tp(x: torch.Tensor, group: dist.ProcessGroup, sp: bool) -> torch.Tensor:
+    """Input of a column-parallel matmul: gather the sequence (SP) or mark the TP region (grads all-reduced)."""
+    return gather_sequence(x, group) if sp else copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def _leave_tp(y: torch.Tensor, group: dist.ProcessGroup, sp: bool) -> torch.Tensor:
+    """Output of a row-parallel matmul: sum over TP ranks (reduce-scatter along the sequence under SP)."""
+    return reduce_scatter_sequence(y, group) if sp else reduce_from_tensor_model_parallel_region(y, group=group)
+
+
+class Column(ColumnParallelLinear):
+    """Column-parallel linear: x_LBI (x_SBI under SP) → y_LB(O/tp)."""
+
+    def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig, group, sp: bool):
+        super().__init__(
+            in_features,
+            out_features,
+            config=config,
+            init_method=_no_init,
+            bias=False,
+            gather_output=False,
+            tp_group=group,
+        )
+        self.sp = sp
+        _mark_shard(self.weight, 0, group)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Matmul with this rank's output rows (weight overrides them for a tied head)."""
+        return F.linear(_enter_tp(x, self.tp_group, self.sp), self.weight if weight is None else weight)
+
+
+class Row(RowParallelLinear):
+    """Row-parallel linear: x_LB(I/tp) → y_LBO summed over TP ranks (y_SBO under SP)."""
+
+    def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig, group, sp: bool):
+        super().__init__(
+            in_features, out_features, config=config, init_method=_no_init, bias=False,
+            input_is_parallel=True, skip_bias_add=True, tp_group=group,
+        )  # fmt: skip
+        self.sp = sp
+        _mark_shard(self.weight, 1, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Partial matmul, then the TP reduction."""
+        return _leave_tp(F.linear(x, self.weight), self.tp_group, self.sp)
+
+
+class Embedding(VocabParallelEmbedding):
+    """Vocab-parallel embedding: tokens_BL → h_LBD (h_SBD under SP)."""
+
+    def __init__(self, vocab_size: int, dim: int, config: ModelParallelConfig, group, sp: bool):
+        super().__init__(vocab_size, dim, init_method=_no_init, config=config, tp_group=group)
+        self.sp = sp
+        _mark_shard(self.weight, 0, group)
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Masked lookup of this rank's vocabulary rows, all-reduced (then split along the sequence)."""
+        h_LBD = super().forward(tokens_BL.t())
+        return scatter_sequence(h_LBD, self.tp_group) if self.sp else h_LBD
+
+
+class TiedHead(nn.Module):
+    """LM head through this rank's rows of the embedding matrix: h_LBD → logits_LB(V/tp)."""
+
+    def __init__(self, group, sp: bool):
+        super().__init__()
+        self.group, self.sp = group, sp
+
+    def forward(self, h: torch.Tensor, weight_VD: torch.Tensor | None = None) -> torch.Tensor:
+        """Column-parallel matmul with the embedding shard."""
+        assert weight_VD is not None, "a tied head needs the embedding weight"
+        return F.linear(_enter_tp(h, self.group, self.sp), weight_VD)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm on a sequence slice: its scale's gradient is summed over the TP ranks."""
+
+    def __init__(self, dim: int, eps: float, group):
+        super().__init__(dim, eps)
+        self.group = group
+
+    def scale(self) -> torch.Tensor:
+        """Identity forward, all-reduce of the gradient in backward."""
+        return copy_to_tensor_model_parallel_region(self.weight, group=self.group)
+
+
+@dataclass(frozen=True)
+class TensorParallelFactory(LayerFactory):
+    """Layers split over one tensor-parallel group (megatron-core parameters, device-agnostic forward)."""
+
+    group: dist.ProcessGroup | None = None
+    sequence_parallel: bool = False
+
+    def _config(self) -> ModelParallelConfig:
+        """megatron-core settings: CPU allocation, no megatron init (ours is layout-independent)."""
+        return ModelParallelConfig(
+            tensor_model_parallel_size=self.tp_size,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+            params_dtype=torch.float32,
+        )
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return Column(in_features, out_features, self._config(), self.group, self.sequence_parallel)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return Row(in_features, out_features, self._config(), self.group, self.sequence_parallel)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return Embedding(vocab_size, dim, self._config(), self.group, self.sequence_parallel)
+
+    def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
+        if tied:
+            return TiedHead(self.group, self.sequence_parallel)
+        return Column(dim, vocab_size, self._config(), self.group, self.sequence_parallel)
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        if self.sequence_parallel:
+            return SequenceParallelRMSNorm(dim, eps, self.group)
+        return RMSNorm(dim, eps)
+
+    def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """megatron-core's vocab-parallel cross-entropy (fp32) → loss_BL.
+
+        It reads megatron-core's global TP group (its API takes none; init_groups set it to
+        self.group) and overwrites its input in place, so fp32 logits are copied first.
+        """
+        logits32_LBV = logits_LBV.float()
+        if logits32_LBV is logits_LBV:
+            logits32_LBV = logits_LBV.clone()
+        return vocab_parallel_cross_entropy(logits32_LBV, targets_BL.t().contiguous()).t()
+
+
+@dataclass(frozen=True)
+class ShardShapeFactory(LayerFactory):
+    """Plain layers with one TP rank's shapes: per-rank parameter counts without any process group."""
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features // self.tp_size, bias=False)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features // self.tp_size, out_features, bias=False)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab_size // self.tp_size, dim)
+
+    def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
+        return super().lm_head(dim, vocab_size // self.tp_size, tied)
