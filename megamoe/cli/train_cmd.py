@@ -36,8 +36,8 @@ def dry_run(cfg, world: int) -> int:
     layout = resolve_layout(cfg, world)
     from megamoe.parallel.specs import ShardShapeFactory  # imports megatron-core: after validation
 
-    counts = meta_counts(cfg.model)
-    per_rank = meta_counts(cfg.model, ShardShapeFactory(layout.tp))
+    counts = meta_counts(cfg.model, moe=cfg.moe)
+    per_rank = meta_counts(cfg.model, ShardShapeFactory(layout.tp, ep_size=layout.ep, etp_size=layout.etp), cfg.moe)
     print(config_to_yaml(cfg), end="")
     print(f"# layout: {layout.describe()} on {world} rank(s), {layout.micro_batches} micro-batch(es) per step")
     print(f"# parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")

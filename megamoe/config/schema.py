@@ -102,13 +102,80 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MoEConfig:
-    """Which blocks are mixtures of experts, and how tokens are routed."""
+    """Which blocks are mixtures of experts, and how tokens are routed to them."""
 
-    routing: Literal["none"] = "none"
-    """Routing family; 'none' = every block has a dense SwiGLU FFN (a dense model)."""
+    routing: Literal["none", "topk", "expert_choice"] = "none"
+    """Routing family: none = dense model; topk = token choice; expert_choice = experts pick tokens."""
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token (token choice)."""
+    moe_every: int = 1
+    """Block i is a MoE block iff i mod moe_every == moe_every - 1 (1 = every block)."""
+    residual: bool = False
+    """OpenMoE residual MoE: a dense SwiGLU FFN (model.ffn_hidden_size) beside the experts in MoE blocks."""
+    num_shared_experts: int = 0
+    """Always-active experts of expert_hidden_size each, added to the routed output."""
+    expert_hidden_size: int = 0
+    """SwiGLU inner width of each expert; 0 = model.ffn_hidden_size."""
+    score_fn: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function over the expert logits."""
+    renormalize: bool = False
+    """Rescale the top-k weights to sum to 1 (GShard/Mixtral); false = raw scores (Switch/ST-MoE/OpenMoE)."""
+    router_fp32: bool = True
+    """Compute router logits and scores in fp32."""
+    jitter_eps: float = 0.0
+    """Multiply the router input by U(1 - eps, 1 + eps) in training (Switch); 0 = off."""
+    capacity_factor: float = 0.0
+    """Training capacity factor (token choice; 0 = dropless); for expert_choice, c = average experts per token."""
+    eval_capacity_factor: float = 0.0
+    """Capacity factor in evaluation and generation (token choice and the expert-choice fallback); 0 = dropless."""
+    capacity_formula: Literal["k*cf*G/E", "cf*G/E"] = "k*cf*G/E"
+    """Expert capacity C = max(min_capacity, ceil(formula)) over the G tokens a rank routes (megatron: k*cf*G/E)."""
+    min_capacity: int = 4
+    """Lower bound of the expert capacity C."""
+    drop_policy: Literal["position", "probs"] = "position"
+    """Who is dropped when an expert is full: position = later requests (first choices first); probs = lowest score."""
+    pad_to_capacity: bool = False
+    """Run every expert on exactly C slots (static shapes; padding is computed and discarded)."""
+    eval_top_k: int = 0
+    """Expert choice's causal fallback in eval/generation: token-choice top-k; 0 = round(capacity_factor)."""
+    balance_loss_coef: float = 0.01
+    """Switch balance loss coefficient alpha (token choice); 0 = off."""
+    balance_loss_level: Literal["micro_batch", "sequence", "global"] = "micro_batch"
+    """Tokens over which f and P are measured: each micro-batch, each sequence, or the micro-batch of all DP ranks."""
+    z_loss_coef: float = 0.001
+    """Router z-loss coefficient (ST-MoE); 0 = off."""
+    log_per_expert: bool = False
+    """Also log tokens per expert for every expert and layer (many W&B keys); aggregates are always logged."""
+
+    @property
+    def enabled(self) -> bool:
+        """The model has MoE blocks."""
+        return self.routing != "none"
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Block `index` (0-based) is a MoE block."""
+        return self.enabled and index % self.moe_every == self.moe_every - 1
 
     def validate(self) -> None:
-        """Nothing to check for a dense model."""
+        """Check counts and the capacity settings."""
+        _positive(self, "num_experts", "top_k", "moe_every", "min_capacity")
+        _non_negative(self, "num_shared_experts", "expert_hidden_size", "jitter_eps", "eval_top_k")
+        _non_negative(self, "capacity_factor", "eval_capacity_factor", "balance_loss_coef", "z_loss_coef")
+        _check(
+            self.top_k <= self.num_experts, "top_k", f"({self.top_k}) must be <= moe.num_experts ({self.num_experts})"
+        )
+        _check(self.jitter_eps < 1.0, "jitter_eps", f"must be < 1, got {self.jitter_eps}")
+        if self.routing == "expert_choice":
+            _check(self.capacity_factor > 0, "capacity_factor", "expert_choice needs c > 0 (average experts per token)")
+            _check(self.score_fn == "softmax", "score_fn", "expert_choice uses softmax scores")
+        if self.renormalize:
+            _check(
+                self.top_k > 1 or self.score_fn == "sigmoid",
+                "renormalize",
+                "a renormalized top-1 softmax weight is always 1",
+            )
 
 
 @dataclass(kw_only=True)
@@ -328,6 +395,12 @@ class Config:
 
     def _validate_cross(self) -> None:
         """Invariants that involve two sections."""
+        if self.moe.enabled:
+            _check(
+                self.moe.moe_every <= self.model.num_layers,
+                "moe.moe_every",
+                f"({self.moe.moe_every}) leaves no MoE block among model.num_layers ({self.model.num_layers})",
+            )
         if self.optim.warmup_steps:
             _check(
                 self.optim.warmup_steps < self.train.max_steps,

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.layers import RMSNorm
+from megamoe.model.moe.dispatch import LocalDispatcher
+from megamoe.model.moe.experts import GroupedExperts
+from megamoe.model.moe.tokens import TokenGroup
 
 
 class SeqFirstEmbedding(nn.Embedding):
@@ -70,6 +73,18 @@ class LayerFactory:
     def norm(self, dim: int, eps: float) -> nn.Module:
         """RMSNorm over the last dim (its weight gradient is summed over TP ranks under sequence parallelism)."""
         return RMSNorm(dim, eps)
+
+    def experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        """This rank's grouped SwiGLU experts (all of them in a single process)."""
+        return GroupedExperts(num_experts, dim, hidden)
+
+    def dispatcher(self, num_experts: int):
+        """Moves routed tokens to their experts and back (all-to-all under expert parallelism)."""
+        return LocalDispatcher(num_experts)
+
+    def token_group(self) -> TokenGroup:
+        """The tokens a MoE block routes, and sums over the ranks holding the rest of the micro-batch."""
+        return TokenGroup()
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in fp32 over the (possibly vocab-parallel) logits → loss_BL."""

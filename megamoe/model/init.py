@@ -16,7 +16,7 @@ from torch import nn
 
 from megamoe.config import ModelConfig
 
-RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
+RESIDUAL_OUTPUTS = ("attn.proj.weight", "down.weight", "experts.w_down")
 """Parameter-name suffixes of the projections that write into the residual stream."""
 
 
@@ -35,9 +35,7 @@ def init_std_for(name: str, cfg: ModelConfig) -> float:
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of the unsharded tensor of which param is one rank's slice."""
     shape = list(param.shape)
-    shard = getattr(param, "shard", None)
-    if shard is not None:
-        dim, _, world = shard
+    for _, dim, _, world in getattr(param, "shards", ()):
         shape[dim] *= world
     return tuple(shape)
 
@@ -53,8 +51,6 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
             continue
         gen = torch.Generator().manual_seed(param_seed(seed, name))
         full = torch.normal(0.0, init_std_for(name, cfg), full_shape(param), generator=gen)
-        shard = getattr(param, "shard", None)
-        if shard is not None:
-            dim, rank, world = shard
+        for _, dim, rank, world in getattr(param, "shards", ()):
             full = full.chunk(world, dim=dim)[rank]
         param.copy_(full)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megamoe.config import ModelConfig
+from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.factory import LayerFactory
 
 
@@ -27,15 +27,16 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     """Total, active-per-token and embedding parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embed."))
-    return ParamCounts(total=total, active=total, embedding=embedding)
+    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
+    return ParamCounts(total=total, active=total - inactive, embedding=embedding)
 
 
-def meta_counts(cfg: ModelConfig, factory: LayerFactory | None = None) -> ParamCounts:
+def meta_counts(cfg: ModelConfig, factory: LayerFactory | None = None, moe: MoEConfig | None = None) -> ParamCounts:
     """Parameter counts of the model for cfg (one rank's share with a sharded factory), without allocating it."""
     from megamoe.model.transformer import Transformer
 
     with torch.device("meta"):
-        return count_parameters(Transformer(cfg, factory))
+        return count_parameters(Transformer(cfg, factory, moe))
 
 
 def flops_per_token(cfg: ModelConfig, counts: ParamCounts) -> float:

@@ -6,16 +6,17 @@ Token ids and losses are batch-first (B, L); hidden states are sequence-first (L
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from megamoe.config import ModelConfig
+from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.attention import Attention
 from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
 from megamoe.model.layers import Rotary, SwiGLU
+from megamoe.model.moe import MoEFFN, MoELayerOutput
 
 
 @dataclass
@@ -26,6 +27,10 @@ class ModelOutput:
     """Logits (the local vocabulary shard under tensor parallelism)."""
     token_loss_BL: torch.Tensor | None = None
     """Per-token next-token cross-entropy in fp32, when targets were given."""
+    aux_loss: torch.Tensor | float = 0.0
+    """Sum of every MoE layer's auxiliary losses (already scaled by their coefficients)."""
+    moe: dict[int, MoELayerOutput] = field(default_factory=dict)
+    """Per MoE layer (by block index): its losses and routing statistics."""
 
     @property
     def loss(self) -> torch.Tensor:
@@ -35,32 +40,36 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)) with a dense or MoE FFN."""
 
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, factory: LayerFactory, index: int):
         super().__init__()
         self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, factory)
         self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
+        self.is_moe = moe.is_moe_layer(index)
+        self.ffn = MoEFFN(cfg, moe, factory) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
 
-    def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        """One block."""
+    def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, MoELayerOutput | None]:
+        """One block; MoE blocks also return their losses and statistics."""
         x_LBD = x_LBD + self.attn(self.attn_norm(x_LBD), rotary)
-        return x_LBD + self.ffn(self.ffn_norm(x_LBD))
+        if self.is_moe:
+            y_LBD, aux = self.ffn(self.ffn_norm(x_LBD))
+            return x_LBD + y_LBD, aux
+        return x_LBD + self.ffn(self.ffn_norm(x_LBD)), None
 
 
 class Transformer(nn.Module):
     """Embedding → blocks → final norm → LM head (optionally tied to the embedding)."""
 
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None, moe: MoEConfig | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
-        self.cfg = cfg
+        self.cfg, self.moe_cfg = cfg, moe or MoEConfig()
         self.factory = factory or LayerFactory()
         self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self.factory) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.moe_cfg, self.factory, i) for i in range(cfg.num_layers))
         self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps)
         self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
@@ -68,16 +77,24 @@ class Transformer(nn.Module):
     def forward(self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> ModelOutput:
         """Logits for every position, and per-token losses when targets are given."""
         h_LBD = self.embed(tokens_BL)
-        for layer in self.layers:
-            h_LBD = layer(h_LBD, self.rotary)
+        moe: dict[int, MoELayerOutput] = {}
+        for index, layer in enumerate(self.layers):
+            h_LBD, aux = layer(h_LBD, self.rotary)
+            if aux is not None:
+                moe[index] = aux
         tied_weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits_LBV = self.lm_head(self.norm(h_LBD), tied_weight)
         token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
-        return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL)
+        aux_loss = sum(
+            (loss for out in moe.values() for loss in out.losses.values()), torch.zeros((), device=h_LBD.device)
+        )
+        return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL, aux_loss, moe)
 
 
-def build_model(cfg: ModelConfig, seed: int, factory: LayerFactory | None = None) -> Transformer:
+def build_model(
+    cfg: ModelConfig, seed: int, factory: LayerFactory | None = None, moe: MoEConfig | None = None
+) -> Transformer:
     """A Transformer with every parameter initialized from (seed, parameter name)."""
-    model = Transformer(cfg, factory)
+    model = Transformer(cfg, factory, moe)
     init_parameters(model, cfg, seed)
     return model

@@ -50,8 +50,9 @@ class ParallelGroups:
     edp: Axis
     layout: Layout
     device: torch.device
-    mesh: object = None
-    """(dp, tp) DeviceMesh over the same groups, for DTensor checkpoints; None in a single process."""
+    meshes: dict | None = None
+    """DeviceMeshes over the same groups, for DTensor checkpoints: 'dense' (dp, tp) and 'expert'
+    (edp, ep, etp); None in a single process."""
 
     @property
     def distributed(self) -> bool:
@@ -114,29 +115,41 @@ def init_groups(layout: Layout, timeout_s: int, seed: int = 0) -> ParallelGroups
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
-    tp, dp = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
     groups = ParallelGroups(
         world=dist.get_world_size(),
         rank=dist.get_rank(),
-        tp=_axis(tp),
-        dp=_axis(dp),
+        tp=_axis(ps.get_tensor_model_parallel_group()),
+        dp=_axis(ps.get_data_parallel_group()),
         ep=_axis(ps.get_expert_model_parallel_group()),
         etp=_axis(ps.get_expert_tensor_parallel_group()),
         edp=_axis(ps.get_expert_data_parallel_group()),
         layout=layout,
         device=device,
-        mesh=_dense_mesh(layout, dp, tp, device),
+        meshes=_meshes(layout, ps, device),
     )
     log.info("rank %d: %s (tp %s, dp %s)", groups.rank, layout.describe(), groups.tp.ranks, groups.dp.ranks)
     return groups
 
 
-def _dense_mesh(layout: Layout, dp: dist.ProcessGroup, tp: dist.ProcessGroup, device: torch.device):
-    """The (dp, tp) DeviceMesh built from megatron-core's groups (rank = dp_index · tp + tp_index)."""
+def _meshes(layout: Layout, ps, device: torch.device) -> dict:
+    """DeviceMeshes built from megatron-core's groups (its rank order: tp fastest, then ep, then dp)."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = torch.arange(layout.world).view(layout.dp, layout.tp)
-    return DeviceMesh.from_group([dp, tp], device.type, mesh=ranks, mesh_dim_names=("dp", "tp"))
+    world = torch.arange(layout.world)
+    dense = DeviceMesh.from_group(
+        [ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()], device.type,
+        mesh=world.view(layout.dp, layout.tp), mesh_dim_names=("dp", "tp"),
+    )  # fmt: skip
+    expert_groups = [
+        ps.get_expert_data_parallel_group(), ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
+    ]  # fmt: skip
+    expert = DeviceMesh.from_group(
+        expert_groups,
+        device.type,
+        mesh=world.view(layout.edp, layout.ep, layout.etp),
+        mesh_dim_names=("edp", "ep", "etp"),
+    )
+    return {"dense": dense, "expert": expert}
 
 
 def destroy_groups() -> None:

@@ -75,6 +75,8 @@ def resolve_layout(cfg: Config, world: int) -> Layout:
         f"({train.global_batch_size}) must be a multiple of train.micro_batch_size ({train.micro_batch_size}) "
         f"× data-parallel degree ({dp}) = {per_step}",
     )
+    if cfg.moe.enabled:
+        _check_experts(cfg, tp)
     if par.sequence_parallel:
         _require(
             model.seq_len % tp == 0,
@@ -85,6 +87,28 @@ def resolve_layout(cfg: Config, world: int) -> Layout:
         world=world, tp=tp, dp=dp, ep=par.expert_parallel, etp=par.expert_tensor_parallel,
         edp=world // expert, sp=par.sequence_parallel, micro_batches=train.global_batch_size // per_step,
     )  # fmt: skip
+
+
+def _check_experts(cfg: Config, tp: int) -> None:
+    """Experts divide over EP, each expert's FFN over ETP, and TP can split the sequence for routing."""
+    moe, par = cfg.moe, cfg.parallel
+    hidden = moe.expert_hidden_size or cfg.model.ffn_hidden
+    _require(
+        moe.num_experts % par.expert_parallel == 0,
+        "moe.num_experts",
+        f"({moe.num_experts}) must be divisible by parallel.expert_parallel ({par.expert_parallel})",
+    )
+    _require(
+        hidden % par.expert_tensor_parallel == 0,
+        "moe.expert_hidden_size",
+        f"({hidden}) must be divisible by parallel.expert_tensor_parallel ({par.expert_tensor_parallel})",
+    )
+    _require(
+        cfg.model.seq_len % tp == 0,
+        "model.seq_len",
+        f"({cfg.model.seq_len}) must be divisible by parallel.tensor_parallel ({tp}): "
+        "MoE blocks route one sequence slice per TP rank",
+    )
 
 
 def _check_tp_divides(cfg: Config, tp: int) -> None:

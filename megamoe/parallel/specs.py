@@ -1,4 +1,4 @@
-"""Tensor-parallel layers for the model's layer factory: the only file that names megatron-core's classes.
+"""Parallel layers for the model's layer factory: the only file that names megatron-core's layer classes.
 
 Shape legend: L sequence (S = L/tp under sequence parallelism), B batch, D width, I/O features,
 V vocabulary (per TP rank where split).
@@ -34,7 +34,11 @@ from torch import nn
 
 from megamoe.model.factory import LayerFactory
 from megamoe.model.layers import RMSNorm
+from megamoe.model.moe.experts import GroupedExperts
+from megamoe.model.moe.tokens import TokenGroup
 from megamoe.parallel.comm import gather_sequence, reduce_scatter_sequence, scatter_sequence
+from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.moe import AllToAllDispatcher, ParallelTokenGroup
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -47,7 +51,7 @@ def _mark_shard(param: nn.Parameter, dim: int, group: dist.ProcessGroup) -> None
     megatron-core sets `tensor_model_parallel` only when it initializes the weight itself; without it
     DeepSpeed would count a sharded gradient as replicated (TP rank 0 only) in the clipping norm.
     """
-    param.shard = (dim, dist.get_rank(group), dist.get_world_size(group))
+    param.shards = (("tp", dim, dist.get_rank(group), dist.get_world_size(group)),)
     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
 
@@ -138,11 +142,15 @@ class SequenceParallelRMSNorm(RMSNorm):
 
 
 @dataclass(frozen=True)
-class TensorParallelFactory(LayerFactory):
-    """Layers split over one tensor-parallel group (megatron-core parameters, device-agnostic forward)."""
+class ParallelFactory(LayerFactory):
+    """Layers for one rank of a parallel layout: TP layers when TP > 1, sharded experts and all-to-all under EP/ETP."""
 
-    group: dist.ProcessGroup | None = None
+    groups: ParallelGroups | None = None
     sequence_parallel: bool = False
+
+    @property
+    def _tp(self):
+        return self.groups.tp.group
 
     def _config(self) -> ModelParallelConfig:
         """megatron-core settings: CPU allocation, no megatron init (ours is layout-independent)."""
@@ -154,30 +162,52 @@ class TensorParallelFactory(LayerFactory):
         )
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
-        return Column(in_features, out_features, self._config(), self.group, self.sequence_parallel)
+        if self.tp_size == 1:
+            return super().column(in_features, out_features)
+        return Column(in_features, out_features, self._config(), self._tp, self.sequence_parallel)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return Row(in_features, out_features, self._config(), self.group, self.sequence_parallel)
+        if self.tp_size == 1:
+            return super().row(in_features, out_features)
+        return Row(in_features, out_features, self._config(), self._tp, self.sequence_parallel)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        return Embedding(vocab_size, dim, self._config(), self.group, self.sequence_parallel)
+        if self.tp_size == 1:
+            return super().embedding(vocab_size, dim)
+        return Embedding(vocab_size, dim, self._config(), self._tp, self.sequence_parallel)
 
     def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
+        if self.tp_size == 1:
+            return super().lm_head(dim, vocab_size, tied)
         if tied:
-            return TiedHead(self.group, self.sequence_parallel)
-        return Column(dim, vocab_size, self._config(), self.group, self.sequence_parallel)
+            return TiedHead(self._tp, self.sequence_parallel)
+        return Column(dim, vocab_size, self._config(), self._tp, self.sequence_parallel)
 
     def norm(self, dim: int, eps: float) -> nn.Module:
         if self.sequence_parallel:
-            return SequenceParallelRMSNorm(dim, eps, self.group)
+            return SequenceParallelRMSNorm(dim, eps, self._tp)
         return RMSNorm(dim, eps)
+
+    def experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        ep, etp = self.groups.ep, self.groups.etp
+        return GroupedExperts(num_experts, dim, hidden, ep=(ep.rank, ep.size), etp=(etp.rank, etp.size))
+
+    def dispatcher(self, num_experts: int):
+        if self.groups.ep.size == 1 and self.groups.etp.size == 1:
+            return super().dispatcher(num_experts)
+        return AllToAllDispatcher(num_experts, self.groups)
+
+    def token_group(self) -> TokenGroup:
+        return ParallelTokenGroup(self.groups.tp, self.groups.dp, self.sequence_parallel)
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """megatron-core's vocab-parallel cross-entropy (fp32) → loss_BL.
 
-        It reads megatron-core's global TP group (its API takes none; init_groups set it to
-        self.group) and overwrites its input in place, so fp32 logits are copied first.
+        It reads megatron-core's global TP group (its API takes none; init_groups set it to the
+        group here) and overwrites its input in place, so fp32 logits are copied first.
         """
+        if self.tp_size == 1:
+            return super().token_loss(logits_LBV, targets_BL)
         logits32_LBV = logits_LBV.float()
         if logits32_LBV is logits_LBV:
             logits32_LBV = logits_LBV.clone()
@@ -186,7 +216,10 @@ class TensorParallelFactory(LayerFactory):
 
 @dataclass(frozen=True)
 class ShardShapeFactory(LayerFactory):
-    """Plain layers with one TP rank's shapes: per-rank parameter counts without any process group."""
+    """Plain layers with one rank's shapes (TP, EP, ETP): per-rank parameter counts without any process group."""
+
+    ep_size: int = 1
+    etp_size: int = 1
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features // self.tp_size, bias=False)
@@ -199,3 +232,6 @@ class ShardShapeFactory(LayerFactory):
 
     def lm_head(self, dim: int, vocab_size: int, tied: bool) -> nn.Module:
         return super().lm_head(dim, vocab_size // self.tp_size, tied)
+
+    def experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        return GroupedExperts(num_experts, dim, hidden, ep=(0, self.ep_size), etp=(0, self.etp_size))

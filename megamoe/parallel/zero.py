@@ -16,11 +16,11 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from deepspeed import comm as ds_comm
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.utils import clip_grad_norm_
 from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
@@ -90,6 +90,51 @@ def register_expert_groups(groups: ParallelGroups) -> str:
     return name
 
 
+def _mark_experts(model: nn.Module, groups: ParallelGroups) -> None:
+    """Mark expert parameters as DeepSpeed MoE parameters.
+
+    Gradients: DeepSpeed sums an expert's gradient over its expert-DP replicas and divides by the
+    DP size. The replicas together saw every routed token of the DP micro-step once (MoE blocks
+    split tokens over TP), so that is exactly the dense convention, a mean over DP of per-rank
+    means, on every layout.
+
+    Norm: ZeRO sums squared partition norms over DP, then over TP, counting a parameter on every
+    TP rank only if it is "model parallel". Every expert element lives in exactly one rank's
+    partition, so marking experts model-parallel makes that sum exact.
+    """
+    for param in model.parameters():
+        if getattr(param, "expert", False):
+            mark_expert(param, groups)
+            param.tensor_model_parallel = True
+
+
+@torch.no_grad()
+def clip_reduced_grads(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
+    """Global norm of DP-reduced, unpartitioned gradients (ZeRO stage 0), then clip; returns the norm.
+
+    Tensor-parallel shards are summed over TP, replicated parameters counted once, expert
+    shards summed over the world and divided by their expert-DP replicas.
+    """
+    sharded, replicated, expert = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        square = param.grad.detach().double().pow(2).sum().cpu()
+        if getattr(param, "expert", False):
+            expert += square
+        elif getattr(param, "shards", ()):
+            sharded += square
+        else:
+            replicated += square
+    dist.all_reduce(sharded, group=groups.tp.group)
+    dist.all_reduce(expert)
+    total = float((sharded + replicated + expert / groups.edp.size).sqrt())
+    if total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total
+
+
 class _ExpertAwareEngine(DeepSpeedEngine):
     """DeepSpeedEngine that treats `mark_expert` parameters as MoE parameters."""
 
@@ -128,6 +173,7 @@ class ZeroEngine:
             config = {**config, "gradient_clipping": 0.0}
         self._norm = math.nan
         register_expert_groups(groups)
+        _mark_experts(model, groups)
         ds_comm.init_distributed(
             dist_backend=ds_comm.get_accelerator().communication_backend_name(), dist_init_required=False
         )
@@ -138,8 +184,7 @@ class ZeroEngine:
             args=None, model=model, optimizer=optimizer, mpu=mpu, dist_init_required=False,
             config=config, config_class=DeepSpeedConfig(config, mpu),
         )  # fmt: skip
-        self.model = model
-        self.mpu = mpu
+        self.model, self.groups = model, groups
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """DeepSpeed's bf16 mode keeps bf16 weights itself: no autocast needed."""
@@ -154,7 +199,7 @@ class ZeroEngine:
         """Backward of one micro-batch's mean loss (DeepSpeed scales by 1/accumulation and reduces at the boundary)."""
         self.engine.backward(loss)
         if self._clip is not None and self.engine.is_gradient_accumulation_boundary():
-            self._norm = float(clip_grad_norm_(self.model.parameters(), max_norm=self._clip, mpu=self.mpu))
+            self._norm = clip_reduced_grads(self.model, self.groups, self._clip)
         self.engine.step()  # a no-op except at the accumulation boundary
 
     def step(self) -> float:

@@ -17,6 +17,7 @@ with weights_only=True, and DCP's .metadata file with an allowlisting unpickler.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -83,12 +84,17 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
-def _global(tensor: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor:
-    """tensor (shaped like param on this rank) as a global DTensor, or itself in a single process."""
-    if mesh is None:
+def _global(tensor: torch.Tensor, param: nn.Parameter, meshes: dict | None) -> torch.Tensor:
+    """tensor (shaped like param on this rank) as a global DTensor, or itself in a single process.
+
+    Dense parameters live on the (dp, tp) mesh, experts on the (edp, ep, etp) mesh; each mesh axis
+    the parameter is split over (its `shards`) becomes a Shard placement, the others Replicate.
+    """
+    if meshes is None:
         return tensor
-    shard = getattr(param, "shard", None)
-    placements = [Replicate(), Shard(shard[0])] if shard else [Replicate(), Replicate()]
+    mesh = meshes["expert" if getattr(param, "expert", False) else "dense"]
+    dims = {axis: dim for axis, dim, _, _ in getattr(param, "shards", ())}
+    placements = [Shard(dims[name]) if name in dims else Replicate() for name in mesh.mesh_dim_names]
     return DTensor.from_local(tensor, mesh, placements, run_check=False)
 
 
@@ -97,18 +103,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _state(model: nn.Module, model_part: dict, optim_part: dict, mesh) -> dict:
+def _state(model: nn.Module, model_part: dict, optim_part: dict, meshes: dict | None) -> dict:
     """The DCP state dict: model and optimizer tensors by parameter name, plus RNG."""
     params = dict(model.named_parameters())
     return {
-        "model": {name: _global(t, params[name], mesh) for name, t in model_part.items()},
-        "optim": {key: _global(t, params[key.rsplit(".", 1)[0]], mesh) for key, t in optim_part.items()},
+        "model": {name: _global(t, params[name], meshes) for name, t in model_part.items()},
+        "optim": {key: _global(t, params[key.rsplit(".", 1)[0]], meshes) for key, t in optim_part.items()},
         "rng": {"cpu": torch.get_rng_state()},
     }
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, engine: Engine, meta: dict, keep: int, mesh=None
+    run_dir: Path, step: int, model: nn.Module, engine: Engine, meta: dict, keep: int, meshes: dict | None = None
 ) -> Path:
     """Write the checkpoint of `step` (collectively), atomically; keep the newest `keep`."""
     final = step_dir(run_dir, step)
@@ -123,7 +129,7 @@ def save_checkpoint(
     model_part = {name: p.detach() for name, p in model.named_parameters()}
     try:
         with _quiet_dcp():
-            dcp.save(_state(model, model_part, engine.optimizer_state(), mesh), checkpoint_id=tmp)
+            dcp.save(_state(model, model_part, engine.optimizer_state(), meshes), checkpoint_id=tmp)
         barrier()
         if main:
             atomic_write_json(tmp / "meta.json", {**meta, "step": step, "format_version": FORMAT_VERSION})
@@ -148,13 +154,25 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def check_compatible(path: Path, saved: dict, current: dict, section: str = "model") -> None:
-    """Raise if a checkpoint's config section differs from the current one."""
-    diffs = [
-        f"{section}.{k}={saved.get(k)!r} (config has {current.get(k)!r})"
-        for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k)
-    ]
+ARCHITECTURE = ("model", "moe")
+"""Config sections a checkpoint must match: they decide which parameters exist and their shapes."""
+
+
+def architecture(cfg) -> dict[str, dict]:
+    """The architecture sections of a Config as plain dicts (stored in, and checked against, checkpoints)."""
+    return {section: dataclasses.asdict(getattr(cfg, section)) for section in ARCHITECTURE}
+
+
+def check_compatible(path: Path, meta: dict, current: dict[str, dict]) -> None:
+    """Raise if a checkpoint's architecture sections differ from the current config."""
+    diffs = []
+    for section, values in current.items():
+        saved = meta.get(section, {})
+        diffs += [
+            f"{section}.{k}={saved.get(k)!r} (config has {values.get(k)!r})"
+            for k in sorted(set(saved) | set(values))
+            if saved.get(k) != values.get(k)
+        ]
     if diffs:
         raise CheckpointError(f"{path}: checkpoint is incompatible with the config: " + ", ".join(diffs))
 
@@ -199,13 +217,18 @@ def _describe(err: BaseException) -> str:
 
 
 @torch.no_grad()
-def load_checkpoint(path: Path, model: nn.Module, engine: Engine, model_cfg: dict, mesh=None) -> dict:
-    """Restore parameters, optimizer moments, step and RNG from a checkpoint of any layout; returns meta."""
+def load_checkpoint(
+    path: Path, model: nn.Module, engine: Engine, arch: dict[str, dict], meshes: dict | None = None
+) -> dict:
+    """Restore parameters, optimizer moments, step and RNG from a checkpoint of any layout; returns meta.
+
+    arch holds the current config's architecture sections ({"model": ..., "moe": ...}).
+    """
     meta = read_meta(path)
-    check_compatible(path, meta.get("model", {}), model_cfg)
+    check_compatible(path, meta, arch)
     model_part = {name: torch.empty_like(p) for name, p in model.named_parameters()}
     optim_part = {key: torch.empty_like(t) for key, t in engine.optimizer_state().items()}
-    state = _state(model, model_part, optim_part, mesh)
+    state = _state(model, model_part, optim_part, meshes)
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path))

@@ -14,6 +14,14 @@ from torch import nn
 from megamoe.data import PackedSplit
 
 
+def rank_share(batches: list[np.ndarray], rank: int, ranks: int) -> list[tuple[np.ndarray, float]]:
+    """This data-parallel rank's batches with weight 1, padded with weight-0 repeats to the same count on
+    every rank: ranks exchange tokens inside a forward pass (expert parallelism), so all must run it."""
+    mine = [(ids, 1.0) for ids in batches[rank::ranks]]
+    per_rank = -(-len(batches) // ranks)
+    return mine + [(batches[0], 0.0)] * (per_rank - len(mine))
+
+
 def eval_indices(split: PackedSplit, seq_len: int, batch_size: int, num_batches: int) -> list[np.ndarray]:
     """The val sequences every evaluation reads: batch_size·num_batches of them, evenly spread."""
     available = split.num_sequences(seq_len)
@@ -26,22 +34,22 @@ def eval_indices(split: PackedSplit, seq_len: int, batch_size: int, num_batches:
 def eval_sums(
     model: nn.Module,
     split: PackedSplit,
-    batches: list[np.ndarray],
+    batches: list[tuple[np.ndarray, float]],
     seq_len: int,
     num_domains: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token loss and token count per domain (float64, on CPU)."""
+    """Weighted summed token loss and token count per domain (float64, on CPU) over (ids, weight) batches."""
     was_training = model.training
     model.eval()
     loss_sum_D = torch.zeros(num_domains, dtype=torch.float64)
     count_D = torch.zeros(num_domains, dtype=torch.float64)
-    for ids in batches:
+    for ids, weight in batches:
         batch = split.batch(ids, seq_len)
         out = model(batch.tokens_BL.to(device), batch.targets_BL.to(device))
         domains = batch.domains_BL.flatten()
-        loss_sum_D += torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
-        count_D += torch.bincount(domains, minlength=num_domains).double()
+        loss_sum_D += weight * torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
+        count_D += weight * torch.bincount(domains, minlength=num_domains).double()
     model.train(was_training)
     return loss_sum_D, count_D
 

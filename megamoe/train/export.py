@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megamoe import __version__
-from megamoe.config import ModelConfig
+from megamoe.config import ModelConfig, MoEConfig
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.model import Transformer, build_model
 from megamoe.model.layers import Rotary
-from megamoe.train.checkpoint import latest_checkpoint, load_checkpoint
+from megamoe.train.checkpoint import architecture, latest_checkpoint, load_checkpoint
 from megamoe.train.engine import PlainEngine
 from megamoe.train.run import TOKENIZER_FILE, load_run_config
 from megamoe.utils.fs import atomic_dir, atomic_write_json
@@ -33,8 +33,8 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None) -> tuple[Trans
     path = checkpoint or latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to export")
-    model = build_model(cfg.model, cfg.train.seed)
-    meta = load_checkpoint(path, model, PlainEngine(model, cfg.optim, 1, False), dataclasses.asdict(cfg.model))
+    model = build_model(cfg.model, cfg.train.seed, moe=cfg.moe)
+    meta = load_checkpoint(path, model, PlainEngine(model, cfg.optim, 1, False), architecture(cfg))
     return model.eval(), {**meta, "checkpoint": str(path)}
 
 
@@ -49,7 +49,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path
         atomic_write_json(
             tmp / CONFIG,
             {"architecture": "megamoe-decoder", "megamoe_version": __version__, "model": dataclasses.asdict(model.cfg),
-             "step": meta["step"], "tokens": meta.get("tokens"), "checkpoint": meta["checkpoint"]},
+             "moe": dataclasses.asdict(model.moe_cfg), "step": meta["step"], "tokens": meta.get("tokens"),
+             "checkpoint": meta["checkpoint"]},
         )  # fmt: skip
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     return out
@@ -62,7 +63,7 @@ def load_exported(folder: Path) -> Transformer:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{folder}: not a megamoe export ({err})") from None
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**config["model"]))
+        model = Transformer(ModelConfig(**config["model"]), moe=MoEConfig(**config.get("moe", {})))
     model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True, assign=True)
     model.rotary = Rotary(model.cfg.head_dim, model.cfg.seq_len, model.cfg.rope_theta)  # buffers, not weights
     return model.eval()

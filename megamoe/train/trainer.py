@@ -8,7 +8,6 @@ differs between layouts sits behind ParallelGroups, the layer factory and the en
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.dist import any_rank, mean_over, sum_over
 from megamoe.train.engine import PlainEngine
-from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums
+from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, rank_share
 from megamoe.train.flops import peak_tflops
 from megamoe.train.metrics import MetricSinks
+from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
 from megamoe.train.preempt import PreemptionFlag
 from megamoe.train.run import RunSetup
@@ -58,24 +58,24 @@ class Trainer:
         self.data = setup.data
         self.groups = groups
         torch.manual_seed(self.cfg.train.seed)
-        self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory()).to(groups.device)
+        self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe).to(groups.device)
         self.engine = self._engine()
         self.train_split, self.val_split = self._splits()
         self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)
         self.step = 0
         if setup.resume_from is not None:
             self._resume(setup.resume_from)
-        self.counts = meta_counts(self.cfg.model)
+        self.counts = meta_counts(self.cfg.model, moe=self.cfg.moe)
         self.flops_per_token = flops_per_token(self.cfg.model, self.counts)
         self.peak, self.peak_source = peak_tflops(groups.device, self.cfg.logging.peak_tflops)
 
     def _factory(self) -> LayerFactory:
-        """Plain layers, or megatron-core tensor-parallel ones when TP > 1."""
-        if self.groups.tp.size == 1:
+        """Plain layers in a single process; otherwise this rank's parallel layers (TP, EP, ETP)."""
+        if not self.groups.distributed:
             return LayerFactory()
-        from megamoe.parallel.specs import TensorParallelFactory
+        from megamoe.parallel.specs import ParallelFactory
 
-        return TensorParallelFactory(self.groups.tp.size, self.groups.tp.group, self.cfg.parallel.sequence_parallel)
+        return ParallelFactory(self.groups.tp.size, self.groups, self.cfg.parallel.sequence_parallel)
 
     def _engine(self):
         """PlainEngine in a single process, DeepSpeed's engine across processes."""
@@ -105,8 +105,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         """Continue from a checkpoint (of any layout): weights, optimizer, RNG and step."""
-        model_cfg = dataclasses.asdict(self.cfg.model)
-        meta = ckpt.load_checkpoint(path, self.model, self.engine, model_cfg, self.groups.mesh)
+        meta = ckpt.load_checkpoint(path, self.model, self.engine, ckpt.architecture(self.cfg), self.groups.meshes)
         if meta.get("data_key") != self.data.manifest["key"]:
             log.warning(
                 "resume: the data cache key changed (%s -> %s)", meta.get("data_key"), self.data.manifest["key"]
@@ -131,21 +130,27 @@ class Trainer:
         self.engine.set_lr(lr)
         micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, dp.rank, dp.size, tcfg.micro_batch_size)
         loss_sum = torch.zeros((), device=self.groups.device)
+        moe = MoEMetrics(self.cfg.moe) if self.cfg.moe.enabled else None
         for ids in micro:
             tokens_BL, targets_BL = self._batch(self.train_split, ids)
             with self.engine.autocast():
-                loss = self.model(tokens_BL, targets_BL).loss
-            self.engine.backward(loss)
-            loss_sum += loss.detach()
+                out = self.model(tokens_BL, targets_BL)
+            self.engine.backward(out.loss + out.aux_loss)
+            loss_sum += out.loss.detach()
+            if moe is not None:
+                moe.add(out.moe)
         grad_norm = self.engine.step()
         self.step += 1
         loss = mean_over(loss_sum / len(micro), dp).item()
-        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        return metrics | (moe.reduce() if moe is not None else {})
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on the fixed eval slice, split over the data-parallel ranks."""
         tcfg, seq_len, dp = self.cfg.train, self.cfg.model.seq_len, self.groups.dp
-        batches = eval_indices(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches)[dp.rank :: dp.size]
+        batches = rank_share(
+            eval_indices(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches), dp.rank, dp.size
+        )
         domains = self.data.domains
         with self.engine.autocast():
             sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.groups.device)
@@ -154,14 +159,14 @@ class Trainer:
     def save(self, last_loss: float) -> Path:
         """Checkpoint the current step (collective)."""
         meta = {
-            "model": dataclasses.asdict(self.cfg.model),
+            **ckpt.architecture(self.cfg),
             "data_key": self.data.manifest["key"],
             "tokens": self.step * self.tokens_per_step,
             "train_loss": last_loss,
             "layout": self.groups.layout.describe(),
         }
         keep = self.cfg.train.keep_checkpoints
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.engine, meta, keep, self.groups.mesh)
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.engine, meta, keep, self.groups.meshes)
 
     def _due(self, interval: int) -> bool:
         """The current step is a multiple of a non-zero interval, or the last step."""

@@ -10,14 +10,13 @@ Stated fp32 tolerance: relative 1e-5 for losses and norms, absolute 2e-6 for par
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import pytest
 import torch
 
 from megamoe.model import build_model
-from megamoe.train.checkpoint import latest_checkpoint, load_checkpoint
+from megamoe.train.checkpoint import architecture, latest_checkpoint, load_checkpoint
 from megamoe.train.engine import PlainEngine
 from megamoe.train.run import load_run_config
 from tests.distributed.helpers import check, metrics, torchrun
@@ -47,14 +46,14 @@ def reference(data_cache, tiny_data, tmp_path_factory):
 
 
 def launch(nproc: int, data_cache, run_dir, *extra: str) -> None:
-    """Train the tiny config on nproc ranks through `torchrun -m megamoe train`."""
+    """Train the tiny config on nproc ranks through `torchrun -m megamoe train` (later overrides win)."""
     args = [*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", *extra]
     check(torchrun(nproc, "-m", "megamoe", "train", *args))
 
 
-def assert_metrics_match(run_dir, reference: dict, from_step: int = 0) -> None:
-    """Loss, grad norm and eval loss equal the reference at every logged step >= from_step."""
-    for key in KEYS:
+def assert_metrics_match(run_dir, reference: dict, from_step: int = 0, keys: tuple[str, ...] = KEYS) -> None:
+    """Loss, grad norm and eval loss (or `keys`) equal the reference at every logged step > from_step."""
+    for key in keys:
         got = [(s, v) for s, v in metrics(run_dir, key) if s > from_step]
         want = [(s, v) for s, v in reference["metrics"][key] if s > from_step]
         assert [s for s, _ in got] == [s for s, _ in want], key
@@ -65,10 +64,8 @@ def assert_metrics_match(run_dir, reference: dict, from_step: int = 0) -> None:
 def final_params(run_dir) -> dict[str, torch.Tensor]:
     """A run's newest checkpoint, resharded into a single-process model."""
     cfg = load_run_config(str(run_dir), [])
-    model = build_model(cfg.model, 0)
-    load_checkpoint(
-        latest_checkpoint(run_dir), model, PlainEngine(model, cfg.optim, 1, False), dataclasses.asdict(cfg.model)
-    )
+    model = build_model(cfg.model, 0, moe=cfg.moe)
+    load_checkpoint(latest_checkpoint(run_dir), model, PlainEngine(model, cfg.optim, 1, False), architecture(cfg))
     return {n: p.detach() for n, p in model.named_parameters()}
 
 

@@ -40,3 +40,17 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_eval_batches_are_shared_in_lockstep():
+    """Every DP rank runs the same number of eval forwards (EP exchanges tokens inside them); padding weighs 0."""
+    import numpy as np
+
+    from megamoe.train.evaluate import rank_share
+
+    batches = [np.array([i]) for i in range(5)]
+    shares = [rank_share(batches, r, 4) for r in range(4)]
+    assert [len(s) for s in shares] == [2, 2, 2, 2]
+    real = sorted(int(ids[0]) for share in shares for ids, w in share if w == 1.0)
+    assert real == [0, 1, 2, 3, 4]
+    assert sum(w for share in shares for _, w in share) == 5

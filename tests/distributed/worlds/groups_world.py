@@ -21,7 +21,7 @@ from megamoe.model import build_model
 from megamoe.model.params import count_parameters, meta_counts
 from megamoe.parallel.groups import destroy_groups, init_groups
 from megamoe.parallel.layout import resolve_layout
-from megamoe.parallel.specs import ShardShapeFactory, TensorParallelFactory
+from megamoe.parallel.specs import ParallelFactory, ShardShapeFactory
 from megamoe.parallel.zero import ZeroEngine, deepspeed_config, expert_group_name, mark_expert
 
 
@@ -65,7 +65,7 @@ def main(out_dir: Path) -> None:
         "megatron": {ax: getattr(groups, ax).ranks for ax in ("tp", "dp", "ep", "etp", "edp")},
         "zero": {stage: reduced_grads(groups, stage) for stage in (0, 1, 2)},
     }
-    factory = TensorParallelFactory(2, groups.tp.group)
+    factory = ParallelFactory(2, groups)
     record["params_this_rank"] = count_parameters(build_model(cfg.model, 0, factory)).total
     record["params_shape_factory"] = meta_counts(cfg.model, ShardShapeFactory(2)).total
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))

@@ -1,0 +1,99 @@
+"""The MoE FFN block: scorer → routing → dispatch to experts → combine (+ shared experts, + residual dense FFN).
+
+Shape legend: L sequence, l this rank's routed rows of it, B batch, D width, T = l·B routed tokens,
+E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import ModelConfig, MoEConfig
+from megamoe.model.layers import SwiGLU
+from megamoe.model.moe.losses import balance_loss, z_loss
+from megamoe.model.moe.routing import Assignments, capacity, route
+from megamoe.model.moe.stats import RoutingStats, routing_stats
+
+if TYPE_CHECKING:
+    from megamoe.model.factory import LayerFactory
+
+
+@dataclass
+class MoELayerOutput:
+    """What a MoE block reports besides its output: losses (scaled, with grad) and statistics (no grad)."""
+
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
+
+
+class MoEFFN(nn.Module):
+    """Routed SwiGLU experts, optional shared experts and OpenMoE's residual dense FFN."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, factory: LayerFactory):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.expert_hidden_size or model_cfg.ffn_hidden
+        self.router = nn.Linear(model_cfg.d_model, cfg.num_experts, bias=False)
+        self.experts = factory.experts(cfg.num_experts, model_cfg.d_model, hidden)
+        self.dispatcher = factory.dispatcher(cfg.num_experts)
+        self.tokens = factory.token_group()
+        shared = hidden * cfg.num_shared_experts
+        self.shared = SwiGLU(model_cfg.d_model, shared, factory) if shared else None
+        self.dense = SwiGLU(model_cfg.d_model, model_cfg.ffn_hidden, factory) if cfg.residual else None
+
+    def forward(self, x_LBD: torch.Tensor) -> tuple[torch.Tensor, MoELayerOutput]:
+        """The block's output and its losses/statistics."""
+        x_lBD = self.tokens.split(x_LBD)
+        rows, batch, dim = x_lBD.shape
+        x_TD = x_lBD.reshape(-1, dim)
+        logits_TE = self.scorer(x_TD)
+        assign = route(logits_TE, self.cfg, self.training)
+        y_TD = self.dispatcher(x_TD, assign, self.experts, self._pad_to(len(x_TD)))
+        y_LBD = self.tokens.merge(y_TD.view(rows, batch, dim).to(x_LBD.dtype))
+        for extra in (self.shared, self.dense):
+            if extra is not None:
+                y_LBD = y_LBD + extra(x_LBD)
+        token_T = torch.arange(len(x_TD), device=x_TD.device)
+        losses = self.aux_losses(logits_TE, assign, token_T % batch, batch)
+        first, length = self.tokens.span(rows)
+        stats = routing_stats(logits_TE, assign, token_T // batch + first, length)
+        return y_LBD, MoELayerOutput(losses, stats)
+
+    def inactive_parameters(self) -> int:
+        """Expert parameters a token does not use: all but k/E of them (c/E for expert choice)."""
+        per_token = self.cfg.capacity_factor if self.cfg.routing == "expert_choice" else self.cfg.top_k
+        expert_params = sum(p.numel() for p in self.experts.parameters())
+        return round(expert_params * (1 - min(per_token, self.cfg.num_experts) / self.cfg.num_experts))
+
+    def scorer(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits (fp32 unless moe.router_fp32 is off), with input jitter in training."""
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        weight = self.tokens.shared_param(self.router.weight)
+        if not self.cfg.router_fp32:
+            return F.linear(x_TD, weight)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), weight.float())
+
+    def _pad_to(self, tokens: int) -> int | None:
+        """Rows per expert when padding every expert to its capacity (token choice with a capacity)."""
+        cfg = self.cfg
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        if not cfg.pad_to_capacity or factor <= 0 or cfg.routing != "topk":
+            return None
+        return capacity(tokens, cfg, factor, cfg.top_k)
+
+    def aux_losses(self, logits_TE: torch.Tensor, assign: Assignments, seq_T: torch.Tensor, num_seqs: int) -> dict:
+        """Balance loss (token choice, training) and router z-loss."""
+        losses = {}
+        if self.training and assign.requested_TK is not None and self.cfg.balance_loss_coef > 0:
+            losses["balance"] = balance_loss(logits_TE, assign.requested_TK, seq_T, num_seqs, self.cfg, self.tokens)
+        if self.cfg.z_loss_coef > 0:
+            losses["z"] = z_loss(logits_TE, self.cfg, self.tokens)
+        return losses

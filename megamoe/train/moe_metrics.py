@@ -1,0 +1,87 @@
+"""One optimizer step's MoE losses and routing statistics: summed over micro-batches, reduced over ranks.
+
+Keys stay bounded: per MoE layer a fixed set of aggregates (moe/L<i>/...), plus model-wide ones
+(moe/...); tokens per expert only with moe.log_per_expert. Statistics are sums over distinct tokens
+(every rank routes distinct tokens), so one all-reduce (sum) over the world gives the global batch;
+a loss value is identical on the TP ranks of a micro-batch, so its world sum / world size is its
+mean over the data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import MoEConfig
+from megamoe.model.moe import MoELayerOutput, RoutingStats
+from megamoe.model.moe.stats import POSITION_BUCKETS
+
+LOSS_NAMES = ("balance", "z")
+
+
+class MoEMetrics:
+    """Accumulator for one optimizer step."""
+
+    def __init__(self, cfg: MoEConfig):
+        self.cfg = cfg
+        self.micro_batches = 0
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add(self, moe: dict[int, MoELayerOutput]) -> None:
+        """Fold in one micro-batch's per-layer outputs."""
+        self.micro_batches += 1
+        for layer, out in moe.items():
+            losses = [float(out.losses[n].detach()) if n in out.losses else 0.0 for n in LOSS_NAMES]
+            vec = torch.cat([torch.tensor(losses, dtype=torch.float64), out.stats.to_vector()])
+            self.sums[layer] = self.sums[layer] + vec if layer in self.sums else vec
+
+    def reduce(self) -> dict[str, float]:
+        """All metrics of the step (collective when distributed)."""
+        if not self.sums:
+            return {}
+        layers = sorted(self.sums)
+        packed = torch.stack([self.sums[layer] for layer in layers])
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+            world = dist.get_world_size()
+        metrics: dict[str, float] = {}
+        for layer, vec in zip(layers, packed):
+            losses = vec[: len(LOSS_NAMES)] / (self.micro_batches * world)
+            stats = RoutingStats.from_vector(vec[len(LOSS_NAMES) :], self.cfg.num_experts)
+            metrics |= self._layer(layer, losses, stats)
+        return metrics | self._overall(metrics, layers)
+
+    def _layer(self, layer: int, losses: torch.Tensor, stats: RoutingStats) -> dict[str, float]:
+        """Aggregates of one layer."""
+        prefix, load = f"moe/L{layer}", stats.load_E
+        mean = load.mean().clamp_min(1e-12)
+        out = {f"{prefix}/{name}": float(v) for name, v in zip(LOSS_NAMES, losses)}
+        out[f"{prefix}/load_cv"] = float(load.std(unbiased=False) / mean)
+        out[f"{prefix}/load_max"] = float(load.max() / mean)
+        out[f"{prefix}/load_min"] = float(load.min() / mean)
+        out[f"{prefix}/dead"] = float((load == 0).sum())
+        tokens = stats.tokens_P.sum().clamp_min(1)
+        requested = stats.requested_E.sum().clamp_min(1)
+        out[f"{prefix}/drop"] = (
+            float(1 - load.sum() / requested)
+            if self.cfg.routing == "topk"
+            else float(stats.dropped_any_P.sum() / tokens)
+        )
+        for q in range(POSITION_BUCKETS):
+            out[f"{prefix}/drop_q{q + 1}"] = float(stats.dropped_any_P[q] / stats.tokens_P[q].clamp_min(1))
+        out[f"{prefix}/entropy"] = float(stats.entropy / tokens)
+        if self.cfg.log_per_expert:
+            out |= {f"{prefix}/tokens/e{e}": float(v) for e, v in enumerate(load / load.sum().clamp_min(1))}
+        return out
+
+    @staticmethod
+    def _overall(metrics: dict[str, float], layers: list[int]) -> dict[str, float]:
+        """Model-wide aggregates over the MoE layers."""
+        pick = lambda key: [metrics[f"moe/L{layer}/{key}"] for layer in layers]  # noqa: E731
+        return {
+            "moe/aux_loss": sum(pick("balance")) + sum(pick("z")),
+            "moe/drop": sum(pick("drop")) / len(layers),
+            "moe/load_cv_max": max(pick("load_cv")),
+            "moe/dead": sum(pick("dead")),
+        }

@@ -1,0 +1,77 @@
+"""MoE under every parallel layout: the block against the single-process block, and full training runs.
+
+Stated fp32 tolerances (the reductions are summed in a different order on each layout):
+- block: absolute 5e-5 on outputs, aux losses and gradients (observed ≤ 2e-5);
+- training, 6 steps with clipping at 0.5 active: relative 1e-5 on losses, grad norms and routing
+  statistics; absolute 5e-6 on the final weights (observed ≤ 2.3e-6: Adam amplifies round-off in
+  the small expert gradients).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.distributed.helpers import check, torchrun
+from tests.distributed.test_layouts import assert_metrics_match, final_params, launch
+from tests.distributed.worlds.moe_world import CASES
+from tests.util import single_process_trainer, tiny_config
+
+MOE = ["moe.routing=topk", "moe.num_experts=4", "moe.top_k=2", "moe.balance_loss_coef=0.01", "moe.z_loss_coef=0.001"]
+COMMON = ["train.global_batch_size=8", "optim.grad_clip=0.5", "parallel.timeout_s=120", *MOE]
+LAYOUTS = {
+    "ep2": (2, ["parallel.expert_parallel=2"]),
+    "ep2-tp2": (4, ["parallel.expert_parallel=2", "parallel.tensor_parallel=2"]),
+    "ep2-etp2": (4, ["parallel.expert_parallel=2", "parallel.expert_tensor_parallel=2"]),
+    "ep4": (4, ["parallel.expert_parallel=4"]),
+    "dp2-ep2": (4, ["parallel.expert_parallel=2", "parallel.zero_stage=2"]),
+}
+KEYS = ("train/loss", "train/grad_norm", "eval/loss", "moe/aux_loss", "moe/L1/balance", "moe/L1/load_cv")
+
+
+@pytest.fixture(scope="module")
+def block_world(tmp_path_factory):
+    """Per-rank results of moe_world.py."""
+    out = tmp_path_factory.mktemp("moe_world")
+    check(torchrun(4, "tests/distributed/worlds/moe_world.py", str(out)))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_block_matches_single_process(block_world, case):
+    """Output, aux losses and input/router/expert gradients equal the single-process block."""
+    worst = max(rank[case]["max_diff"] for rank in block_world)
+    assert worst < 5e-5, f"{case}: max |diff| {worst}"
+
+
+def test_a_rank_with_no_tokens_does_not_hang(block_world):
+    """Every token goes to experts 0 and 1 (EP rank 0): EP rank 1 computes on zero rows, and the world finishes."""
+    for rank in block_world:
+        load = rank["ep2-zero-token-rank"]["load"]
+        assert load[2] == load[3] == 0 and load[0] > 0 and load[1] > 0
+
+
+@pytest.fixture(scope="module")
+def moe_reference(data_cache, tiny_data, tmp_path_factory):
+    """The single-process MoE run: metrics and final parameters."""
+    from tests.distributed.helpers import metrics
+
+    run_dir = tmp_path_factory.mktemp("moe_reference") / "run"
+    trainer = single_process_trainer(tiny_config(data_cache, run_dir, *COMMON))
+    trainer.fit()
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {"metrics": {k: metrics(run_dir, k) for k in KEYS}, "params": params}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_dropless_training_matches_single_process(name, moe_reference, data_cache, tmp_path):
+    """Losses (CE and aux), grad norms, routing stats and final weights equal the single-process run."""
+    nproc, overrides = LAYOUTS[name]
+    run_dir = tmp_path / name
+    launch(nproc, data_cache, run_dir, *COMMON, *overrides)
+    assert_metrics_match(run_dir, moe_reference, keys=KEYS)
+    got = final_params(run_dir)
+    for param, want in moe_reference["params"].items():
+        torch.testing.assert_close(got[param], want, rtol=0, atol=5e-6, msg=lambda m, p=param: f"{p}: {m}")

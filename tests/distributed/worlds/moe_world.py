@@ -1,0 +1,171 @@
+"""A 4-rank world that checks one MoE block, layout by layout, against the single-process block.
+
+For each case: the same seeded block runs on every DP rank's micro-batch (TP/SP/EP/ETP as the case
+says) and, on every rank, in a single process on the same micro-batches. Compared: the output,
+the aux losses, and the gradients of the input, the router and every expert weight, after the
+reductions DeepSpeed applies (router: mean over DP; experts: sum over expert-DP divided by DP;
+expert shards gathered to full tensors). Each rank writes OUT_DIR/rank<r>.json: case → max |diff|.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import load_config
+from megamoe.config.resolve import with_vocab
+from megamoe.model.init import init_parameters
+from megamoe.model.moe import MoEFFN
+from megamoe.parallel.comm import all_gather_dim0
+from megamoe.parallel.groups import destroy_groups, init_groups
+from megamoe.parallel.layout import resolve_layout
+from megamoe.parallel.specs import ParallelFactory
+
+BASE = [
+    "model.d_model=32", "model.num_heads=4", "model.seq_len=16", "model.ffn_hidden_size=48", "moe.routing=topk",
+    "moe.num_experts=4", "moe.top_k=2", "train.micro_batch_size=2", "train.global_batch_size=8",
+]  # fmt: skip
+TP2, SP = "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"
+CASES = {
+    "ep4": ["parallel.expert_parallel=4"],
+    "ep2-etp2": ["parallel.expert_parallel=2", "parallel.expert_tensor_parallel=2"],
+    "tp2-ep2": ["parallel.tensor_parallel=2", "parallel.expert_parallel=2"],
+    "tp2-ep2-sp": ["parallel.tensor_parallel=2", "parallel.expert_parallel=2", "parallel.sequence_parallel=true"],
+    "tp2-sp-sequence-level": [TP2, SP, "moe.balance_loss_level=sequence"],
+    "ep2-global-level": ["parallel.expert_parallel=2", "moe.balance_loss_level=global"],
+    "ep2-capacity": ["parallel.expert_parallel=2", "moe.capacity_factor=1.0", "moe.min_capacity=1"],
+    "ep2-expert-choice": ["parallel.expert_parallel=2", "moe.routing=expert_choice", "moe.capacity_factor=1.5"],
+    "ep2-zero-token-rank": ["parallel.expert_parallel=2"],
+    "etp2-shared-residual": [TP2, "parallel.expert_tensor_parallel=2", "moe.num_shared_experts=1", "moe.residual=true"],
+}  # fmt: skip
+
+
+def make_block(cfg, factory=None) -> MoEFFN:
+    """The MoE block with layout-independent seeded weights."""
+    block = MoEFFN(cfg.model, cfg.moe, factory) if factory else MoEFFN(cfg.model, cfg.moe, _plain())
+    init_parameters(block, cfg.model, seed=7)
+    return block
+
+
+def _plain():
+    from megamoe.model import LayerFactory
+
+    return LayerFactory()
+
+
+def force_rank0_experts(block: MoEFFN) -> None:
+    """Router weights that send every (positive) token to experts 0 and 1, both on EP rank 0."""
+    with torch.no_grad():
+        w = block.router.weight
+        w.copy_(torch.tensor([[1.0], [0.9], [-1.0], [-1.1]]).expand_as(w) * 0.05)
+
+
+def objective(block: MoEFFN, x, proj, n_full: int):
+    """Σ(y·proj)/N over this rank's rows plus the block's aux losses (the per-rank training loss)."""
+    y, out = block(x)
+    return (y * proj).sum() / n_full + sum(out.losses.values()), y, out
+
+
+def reference(cfg, xs, projs, global_level: bool, zero_token: bool):
+    """The single-process block on each DP micro-batch (one union micro-batch for the global level)."""
+    block = make_block(cfg)
+    if zero_token:
+        force_rank0_experts(block)
+    if global_level:
+        xs, projs = [torch.cat(xs, 1)], [torch.cat(projs, 1)]
+    outs = []
+    for x, proj in zip(xs, projs):
+        x = x.clone().requires_grad_()
+        obj, y, out = objective(block, x, proj, proj.numel())
+        outs.append((x, y, out.losses, obj))
+    (sum(o[3] for o in outs) / len(outs)).backward()
+    return block, outs
+
+
+def _gather_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather along one dim."""
+    moved = t.movedim(dim, 0).contiguous()
+    return all_gather_dim0(moved, group).movedim(0, dim)
+
+
+def run_case(name: str, overrides: list[str]) -> dict:
+    """Max |parallel - reference| over everything compared, and the routed load, for one case."""
+    cfg = with_vocab(load_config(None, [*BASE, *overrides]), 64, "test")
+    groups = init_groups(resolve_layout(cfg, 4), timeout_s=120)
+    dp, tp = groups.dp, groups.tp
+    gen = torch.Generator().manual_seed(0)
+    L, B, D = 16, 2, 32
+    xs = [torch.rand(L, B, D, generator=gen) - (0.0 if "zero-token" in name else 0.5) for _ in range(dp.size)]
+    projs = [torch.randn(L, B, D, generator=gen) for _ in range(dp.size)]
+    ref_block, ref = reference(cfg, xs, projs, "global" in name, "zero-token" in name)
+    block = make_block(cfg, ParallelFactory(tp.size, groups, cfg.parallel.sequence_parallel))
+    if "zero-token" in name:
+        force_rank0_experts(block)
+    sp = cfg.parallel.sequence_parallel
+    x_full, proj = xs[dp.rank], projs[dp.rank]
+    rows = slice(tp.rank * L // tp.size, (tp.rank + 1) * L // tp.size) if sp else slice(None)
+    x = x_full[rows].clone().requires_grad_()
+    obj, y, out = objective(block, x, proj[rows], proj.numel())
+    obj.backward()
+    losses = out.losses
+    ref_x, ref_y, ref_losses, _ = ref[0] if "global" in name else ref[dp.rank]
+    if "global" in name:  # the union micro-batch: this rank's sequences are batch columns [d·B, (d+1)·B)
+        cols = slice(dp.rank * B, (dp.rank + 1) * B)
+        ref_y, ref_xgrad = ref_y[:, cols], ref_x.grad[:, cols]
+    else:
+        ref_xgrad = ref_x.grad
+    diffs = [(y - ref_y[rows]).abs().max(), (x.grad - ref_xgrad[rows]).abs().max()]
+    if "global" not in name:
+        diffs += [(losses[k] - ref_losses[k]).abs() for k in ref_losses]
+    diffs += _param_diffs(block, ref_block, groups)
+    result = {
+        "max_diff": float(torch.stack([d.detach().float() for d in diffs]).max()),
+        "load": out.stats.load_E.tolist(),
+    }
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    return result
+
+
+def _param_diffs(block: MoEFFN, ref_block: MoEFFN, groups) -> list[torch.Tensor]:
+    """Router and expert gradients after DeepSpeed's reductions (experts: Σ over expert-DP / DP) vs the reference."""
+    ref = dict(ref_block.named_parameters())
+    diffs = []
+    for pname, param in block.named_parameters():
+        grad = param.grad.clone()
+        if getattr(param, "expert", False):
+            dist.all_reduce(grad, group=groups.edp.group)
+            grad /= groups.dp.size
+            grad = _gather_expert(grad, param, groups)
+        else:
+            if param.ndim == 2 and getattr(param, "shards", ()):
+                continue  # TP-sharded dense layers (shared/residual FFN) are covered by the layout tests
+            dist.all_reduce(grad, group=groups.dp.group)
+            grad /= groups.dp.size
+        diffs.append((grad - ref[pname].grad).abs().max())
+    return diffs
+
+
+def _gather_expert(grad: torch.Tensor, param, groups) -> torch.Tensor:
+    """Full expert gradient from this rank's EP/ETP shard."""
+    for axis, dim, _, _ in getattr(param, "shards", ()):
+        grad = _gather_dim(grad, dim, getattr(groups, axis).group)
+    return grad
+
+
+def main(out_dir: Path) -> None:
+    dist.init_process_group("gloo")
+    results = {}
+    for name, overrides in CASES.items():
+        results[name] = run_case(name, overrides)
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    destroy_groups()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
