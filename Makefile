@@ -47,6 +47,8 @@ lint: install
 bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/parallel_throughput.py
+	$(PY) bench/moe_block.py
+	$(PY) -m bench.router_overhead
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

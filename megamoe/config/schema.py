@@ -104,8 +104,10 @@ class ModelConfig:
 class MoEConfig:
     """Which blocks are mixtures of experts, and how tokens are routed to them."""
 
-    routing: Literal["none", "topk", "expert_choice"] = "none"
-    """Routing family: none = dense model; topk = token choice; expert_choice = experts pick tokens."""
+    routing: Literal["none", "topk", "expert_choice", "sparsemixer"] = "none"
+    """Routing family: none = dense; topk = token choice; expert_choice; sparsemixer = GRIN's SparseMixer-v2."""
+    scorer: Literal["linear", "gru"] = "linear"
+    """Router logits from a linear layer, or RMoE's GRU carried from MoE layer to MoE layer."""
     num_experts: int = 8
     """Routed experts per MoE layer."""
     top_k: int = 2
@@ -124,8 +126,18 @@ class MoEConfig:
     """Rescale the top-k weights to sum to 1 (GShard/Mixtral); false = raw scores (Switch/ST-MoE/OpenMoE)."""
     router_fp32: bool = True
     """Compute router logits and scores in fp32."""
-    jitter_eps: float = 0.0
+    input_jitter_eps: float = 0.0
     """Multiply the router input by U(1 - eps, 1 + eps) in training (Switch); 0 = off."""
+    jitter_eps: float = 0.01
+    """SparseMixer-v2 relative threshold: expert i is sampled only if (z_max - z_i) / max(|z_i|, z_max) <= 2·eps."""
+    omega_scales_expert_grad: bool = True
+    """SparseMixer-v2: scale the expert gradient by omega like the forward (released code); false = Algorithm 1."""
+    gru_hidden: int = 128
+    """RMoE: GRU state width p (projector d -> p, router p -> E)."""
+    gru_detach_state: bool = False
+    """RMoE ablation: cut the gradient of the state passed between MoE layers (forward unchanged)."""
+    gru_no_passing: bool = False
+    """RMoE ablation: every MoE layer starts its GRU from the zero state."""
     capacity_factor: float = 0.0
     """Training capacity factor (token choice; 0 = dropless); for expert_choice, c = average experts per token."""
     eval_capacity_factor: float = 0.0
@@ -142,8 +154,8 @@ class MoEConfig:
     """Expert choice's causal fallback in eval/generation: token-choice top-k; 0 = round(capacity_factor)."""
     balance_loss_coef: float = 0.01
     """Switch balance loss coefficient alpha (token choice); 0 = off."""
-    balance_loss_level: Literal["micro_batch", "sequence", "global"] = "micro_batch"
-    """Tokens over which f and P are measured: each micro-batch, each sequence, or the micro-batch of all DP ranks."""
+    balance_loss_level: Literal["auto", "micro_batch", "sequence", "global"] = "auto"
+    """Where f and P are measured (micro-batch, sequence, all DP ranks); auto: global for sparsemixer."""
     z_loss_coef: float = 0.001
     """Router z-loss coefficient (ST-MoE); 0 = off."""
     log_per_expert: bool = False
@@ -154,6 +166,13 @@ class MoEConfig:
         """The model has MoE blocks."""
         return self.routing != "none"
 
+    @property
+    def balance_level(self) -> str:
+        """balance_loss_level resolved."""
+        if self.balance_loss_level != "auto":
+            return self.balance_loss_level
+        return "global" if self.routing == "sparsemixer" else "micro_batch"
+
     def is_moe_layer(self, index: int) -> bool:
         """Block `index` (0-based) is a MoE block."""
         return self.enabled and index % self.moe_every == self.moe_every - 1
@@ -161,15 +180,25 @@ class MoEConfig:
     def validate(self) -> None:
         """Check counts and the capacity settings."""
         _positive(self, "num_experts", "top_k", "moe_every", "min_capacity")
-        _non_negative(self, "num_shared_experts", "expert_hidden_size", "jitter_eps", "eval_top_k")
+        _non_negative(self, "num_shared_experts", "expert_hidden_size", "input_jitter_eps", "jitter_eps", "eval_top_k")
+        _positive(self, "gru_hidden")
         _non_negative(self, "capacity_factor", "eval_capacity_factor", "balance_loss_coef", "z_loss_coef")
         _check(
             self.top_k <= self.num_experts, "top_k", f"({self.top_k}) must be <= moe.num_experts ({self.num_experts})"
         )
-        _check(self.jitter_eps < 1.0, "jitter_eps", f"must be < 1, got {self.jitter_eps}")
+        _check(self.input_jitter_eps < 1.0, "input_jitter_eps", f"must be < 1, got {self.input_jitter_eps}")
         if self.routing == "expert_choice":
             _check(self.capacity_factor > 0, "capacity_factor", "expert_choice needs c > 0 (average experts per token)")
             _check(self.score_fn == "softmax", "score_fn", "expert_choice uses softmax scores")
+        if self.routing == "sparsemixer":
+            _check(self.capacity_factor == 0 and self.eval_capacity_factor == 0, "capacity_factor",
+                   "sparsemixer is dropless: moe.capacity_factor and moe.eval_capacity_factor must be 0")  # fmt: skip
+            _check(
+                not self.renormalize,
+                "renormalize",
+                "sparsemixer weights are per-round probabilities, never renormalized",
+            )
+            _check(self.score_fn == "softmax", "score_fn", "sparsemixer samples from a (masked) softmax")
         if self.renormalize:
             _check(
                 self.top_k > 1 or self.score_fn == "sigmoid",

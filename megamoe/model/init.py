@@ -1,9 +1,10 @@
 """Megatron-style initialization that does not depend on the parallel layout.
 
 Every weight is drawn N(0, init_std) — residual output projections N(0, init_std/√(2·layers)) —
-from a generator seeded by (seed, parameter name). A sharded parameter carries a `shard` attribute
-(dim, rank, world): the full tensor is drawn and the rank keeps its slice, so each layout holds
-exactly the single-process weights. Norm scales start at 1.
+from a generator seeded by (seed, parameter name). A sharded parameter carries a `shards`
+attribute, one (mesh axis, dim, rank, world) per axis it is split over: the full tensor is drawn
+and the rank keeps its slice, so each layout holds exactly the single-process weights. Norm
+scales start at 1, biases (RMoE's GRU) at 0.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Initialize every parameter of model in place (norm scales → 1, weights → seeded normal)."""
     for name, param in model.named_parameters():
         if param.is_meta:
+            continue
+        if name.endswith("bias"):
+            param.zero_()
             continue
         if param.ndim == 1:
             param.fill_(1.0)

@@ -17,6 +17,9 @@ from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
 from megamoe.model.layers import Rotary, SwiGLU
 from megamoe.model.moe import MoEFFN, MoELayerOutput
+from megamoe.model.moe.gru import GRUCell
+from megamoe.model.moe.noise import RoutingContext
+from megamoe.model.moe.state import RoutingState
 
 
 @dataclass
@@ -48,13 +51,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, factory)
         self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe.is_moe_layer(index)
-        self.ffn = MoEFFN(cfg, moe, factory) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
+        self.ffn = MoEFFN(cfg, moe, factory, index) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
 
-    def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, MoELayerOutput | None]:
-        """One block; MoE blocks also return their losses and statistics."""
+    def forward(
+        self, x_LBD: torch.Tensor, rotary: Rotary, state: RoutingState
+    ) -> tuple[torch.Tensor, MoELayerOutput | None]:
+        """One block; MoE blocks also return their losses and statistics (and advance the routing state)."""
         x_LBD = x_LBD + self.attn(self.attn_norm(x_LBD), rotary)
         if self.is_moe:
-            y_LBD, aux = self.ffn(self.ffn_norm(x_LBD))
+            y_LBD, aux = self.ffn(self.ffn_norm(x_LBD), state)
             return x_LBD + y_LBD, aux
         return x_LBD + self.ffn(self.ffn_norm(x_LBD)), None
 
@@ -70,16 +75,24 @@ class Transformer(nn.Module):
         self.factory = factory or LayerFactory()
         self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, self.moe_cfg, self.factory, i) for i in range(cfg.num_layers))
+        gru = self.moe_cfg.enabled and self.moe_cfg.scorer == "gru"
+        self.router_gru = GRUCell(self.moe_cfg.gru_hidden) if gru else None
         self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps)
         self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
 
-    def forward(self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> ModelOutput:
-        """Logits for every position, and per-token losses when targets are given."""
+    def forward(
+        self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None, ctx: RoutingContext | None = None
+    ) -> ModelOutput:
+        """Logits for every position, and per-token losses when targets are given.
+
+        ctx (seed, step, sample ids) makes stochastic routing draws independent of the layout.
+        """
         h_LBD = self.embed(tokens_BL)
         moe: dict[int, MoELayerOutput] = {}
+        state = RoutingState(ctx, self.router_gru)
         for index, layer in enumerate(self.layers):
-            h_LBD, aux = layer(h_LBD, self.rotary)
+            h_LBD, aux = layer(h_LBD, self.rotary, state)
             if aux is not None:
                 moe[index] = aux
         tied_weight = self.embed.weight if self.cfg.tie_embeddings else None

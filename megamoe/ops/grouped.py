@@ -1,9 +1,10 @@
 """Grouped linear: tokens sorted by expert, each expert's rows times its own weight, in one batched op.
 
 Shape legend: N tokens (sorted by expert), E experts, M the largest token count of an expert,
-I/O in/out features. Paths: `torch._grouped_mm` on CUDA in bf16 (one grouped GEMM, no padding);
-elsewhere a padded batched matmul (rows scattered into an E × M × I buffer, one bmm). On CPU the
-latter is ~1.8× faster than torch._grouped_mm (docs/benchmarks.md). Both are tested against
+I/O in/out features. Paths: `torch._grouped_mm` (one grouped GEMM, no padding) on CPU and on
+CUDA in bf16 on sm90+; otherwise, and for static shapes (moe.pad_to_capacity), a padded batched
+matmul: rows scattered into an E × M × I buffer, one bmm. Padding costs E × M rows, up to E× the
+useful work when routing is skewed (docs/benchmarks.md). Both paths are tested against
 `reference.grouped_linear_loop`, outputs and gradients.
 """
 
@@ -25,8 +26,12 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _use_grouped_mm(x_NI: torch.Tensor) -> bool:
-    """torch._grouped_mm runs fast only as CUDA bf16 grouped GEMMs."""
-    return hasattr(torch, "_grouped_mm") and x_NI.is_cuda and x_NI.dtype == torch.bfloat16
+    """torch._grouped_mm supports this tensor: any CPU dtype, or bf16 on a CUDA device of compute capability 9+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x_NI.device.type == "cpu":
+        return True
+    return x_NI.is_cuda and x_NI.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
 
 
 def _slots(counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

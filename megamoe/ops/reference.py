@@ -15,3 +15,11 @@ def grouped_linear_loop(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch
         outs.append(x_NI[start : start + count] @ w_EOI[e].t())
         start += count
     return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EOI.shape[1])
+
+
+def sparsemixer_weight_st(
+    logits_TE: torch.Tensor, mask_TE: torch.Tensor, chosen_T: torch.Tensor, omega_T: torch.Tensor
+) -> torch.Tensor:
+    """SparseMixer-v2's weight as straight-through autograd: p_D + stopgrad((ω − 1)·p_D), p = masked softmax."""
+    p_chosen_T = logits_TE.masked_fill(mask_TE, float("-inf")).softmax(-1).gather(1, chosen_T[:, None]).squeeze(1)
+    return p_chosen_T + ((omega_T - 1.0) * p_chosen_T).detach()

@@ -165,18 +165,18 @@ class AllToAllDispatcher:
         self, x_TD: torch.Tensor, assign: Assignments, experts: GroupedExperts, pad_to: int | None
     ) -> torch.Tensor:
         """Expert outputs combined per token: y_TD (fp32)."""
-        token_A, expert_A, weight_A = sort_by_expert(assign)
-        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+        s = sort_by_expert(assign)
+        counts_E = torch.bincount(s.expert_A, minlength=self.num_experts)
         recv_Re = _all_to_all(counts_E, [self.local] * self.ep.size, [self.local] * self.ep.size, self.ep.group)
         recv_Re = recv_Re.view(self.ep.size, self.local)
         send, recv = counts_E.view(self.ep.size, self.local).sum(1).tolist(), recv_Re.sum(1).tolist()
-        x_RD = _AllToAll.apply(x_TD[token_A], recv, send, self.ep.group)
+        x_RD = _AllToAll.apply(x_TD[s.token_A], recv, send, self.ep.group)
         local_R = (
             torch.arange(self.local, device=x_TD.device).repeat(self.ep.size).repeat_interleave(recv_Re.reshape(-1))
         )
         y_RD = self._compute(x_RD, local_R, experts, pad_to)
         y_AD = _AllToAll.apply(y_RD, send, recv, self.ep.group)
-        return combine(y_AD, token_A, weight_A, len(x_TD))
+        return combine(y_AD, s, len(x_TD))
 
     def _compute(self, x_RD: torch.Tensor, local_R: torch.Tensor, experts: GroupedExperts, pad_to: int | None):
         """Grouped experts on the received rows (gathered over the ETP peers first), in received order."""

@@ -20,6 +20,7 @@ from megamoe.config import Config, config_to_dict
 from megamoe.data import PackedSplit, SequenceSampler
 from megamoe.errors import DataError
 from megamoe.model import LayerFactory, build_model
+from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.params import count_parameters, flops_per_token, meta_counts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
@@ -133,8 +134,9 @@ class Trainer:
         moe = MoEMetrics(self.cfg.moe) if self.cfg.moe.enabled else None
         for ids in micro:
             tokens_BL, targets_BL = self._batch(self.train_split, ids)
+            ctx = RoutingContext(self.cfg.train.seed, self.step, tuple(int(i) for i in ids))
             with self.engine.autocast():
-                out = self.model(tokens_BL, targets_BL)
+                out = self.model(tokens_BL, targets_BL, ctx)
             self.engine.backward(out.loss + out.aux_loss)
             loss_sum += out.loss.detach()
             if moe is not None:

@@ -1,10 +1,12 @@
 """MoE under every parallel layout: the block against the single-process block, and full training runs.
 
 Stated fp32 tolerances (the reductions are summed in a different order on each layout):
-- block: absolute 5e-5 on outputs, aux losses and gradients (observed ≤ 2e-5);
+- block: relative 1e-5 (max |diff| / max |reference| per tensor) on outputs, aux losses and the
+  input, router, GRU and expert gradients (observed ≤ 5e-7; a wrong routing draw gives > 0.1);
 - training, 6 steps with clipping at 0.5 active: relative 1e-5 on losses, grad norms and routing
-  statistics; absolute 5e-6 on the final weights (observed ≤ 2.3e-6: Adam amplifies round-off in
-  the small expert gradients).
+  statistics; absolute 2e-5 on the final weights. Adam normalizes every element's update to ~lr, so
+  an element with a near-zero gradient turns round-off into an update difference of a few 1e-6 per
+  step (observed ≤ 5.1e-6); 2e-5 is 0.1% of the largest possible change, 6 steps × lr 3e-3.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LAYOUTS = {
     "ep4": (4, ["parallel.expert_parallel=4"]),
     "dp2-ep2": (4, ["parallel.expert_parallel=2", "parallel.zero_stage=2"]),
 }
+PARAM_ATOL = 2e-5
 KEYS = ("train/loss", "train/grad_norm", "eval/loss", "moe/aux_loss", "moe/L1/balance", "moe/L1/load_cv")
 
 
@@ -43,7 +46,7 @@ def block_world(tmp_path_factory):
 def test_block_matches_single_process(block_world, case):
     """Output, aux losses and input/router/expert gradients equal the single-process block."""
     worst = max(rank[case]["max_diff"] for rank in block_world)
-    assert worst < 5e-5, f"{case}: max |diff| {worst}"
+    assert worst < 1e-5, f"{case}: max relative |diff| {worst}"
 
 
 def test_a_rank_with_no_tokens_does_not_hang(block_world):
@@ -74,4 +77,42 @@ def test_dropless_training_matches_single_process(name, moe_reference, data_cach
     assert_metrics_match(run_dir, moe_reference, keys=KEYS)
     got = final_params(run_dir)
     for param, want in moe_reference["params"].items():
-        torch.testing.assert_close(got[param], want, rtol=0, atol=5e-6, msg=lambda m, p=param: f"{p}: {m}")
+        torch.testing.assert_close(got[param], want, rtol=0, atol=PARAM_ATOL, msg=lambda m, p=param: f"{p}: {m}")
+
+
+FAMILIES = {
+    # micro_batch balance so a single process is the reference (the global level is tested on the block)
+    "grin": ["moe.routing=sparsemixer", "moe.num_experts=4", "moe.top_k=2", "moe.jitter_eps=0.3",
+             "moe.balance_loss_level=micro_batch"],
+    "rmoe": ["moe.routing=topk", "moe.scorer=gru", "moe.gru_hidden=16", "moe.num_experts=4", "moe.top_k=2"],
+}  # fmt: skip
+FAMILY_LAYOUTS = {"ep2": (2, ["parallel.expert_parallel=2"]), "tp2-dp2": (4, ["parallel.tensor_parallel=2"])}
+
+
+@pytest.fixture(scope="module")
+def family_references(data_cache, tiny_data, tmp_path_factory):
+    """Single-process GRIN and RMoE runs (sampling draws follow the sample ids, not the layout)."""
+    from tests.distributed.helpers import metrics
+
+    out = {}
+    for family, overrides in FAMILIES.items():
+        run_dir = tmp_path_factory.mktemp(f"{family}_reference") / "run"
+        trainer = single_process_trainer(tiny_config(data_cache, run_dir, *COMMON, *overrides))
+        trainer.fit()
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        out[family] = {"metrics": {k: metrics(run_dir, k) for k in KEYS}, "params": params}
+    return out
+
+
+@pytest.mark.parametrize("layout", list(FAMILY_LAYOUTS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_grin_and_rmoe_layouts_match_single_process(family, layout, family_references, data_cache, tmp_path):
+    """GRIN's samples agree on every TP rank and layout; RMoE's shared GRU gets the summed, identical gradient."""
+    nproc, overrides = FAMILY_LAYOUTS[layout]
+    run_dir = tmp_path / f"{family}-{layout}"
+    launch(nproc, data_cache, run_dir, *COMMON, *FAMILIES[family], *overrides)
+    reference = family_references[family]
+    assert_metrics_match(run_dir, reference, keys=KEYS)
+    got = final_params(run_dir)
+    for param, want in reference["params"].items():
+        torch.testing.assert_close(got[param], want, rtol=0, atol=PARAM_ATOL, msg=lambda m, p=param: f"{p}: {m}")

@@ -17,7 +17,7 @@ SMALL = ["data.max_documents=60", "data.vocab_size=512", "data.val_fraction=0.1"
          "logging.wandb.mode=disabled", "train.micro_batch_size=4", "train.global_batch_size=8"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["moe_top2", "moe_expert_choice", "openmoe_residual"])
+@pytest.mark.parametrize("name", ["moe_top2", "moe_expert_choice", "openmoe_residual", "grin", "rmoe"])
 def test_moe_config_trains(name, data_cache, tiny_data, tmp_path):
     cfg = load_config(CONFIGS / f"{name}.yaml", [*SMALL, f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path}"])
     summary = single_process_trainer(cfg).fit()

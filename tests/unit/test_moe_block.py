@@ -26,9 +26,10 @@ def moe_cfg(*overrides: str):
     return load_config(None, ["moe.routing=topk", "moe.num_experts=4", *overrides]).moe
 
 
+@pytest.mark.parametrize("impl", [grouped_linear, padded_grouped_linear])
 @pytest.mark.parametrize("counts", [[5, 0, 7, 3], [0, 0, 9, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_grouped_linear_matches_loop(counts, dtype, tol):
+def test_grouped_linear_matches_loop(impl, counts, dtype, tol):
     """Output and both gradients equal the per-expert loop (zero-token experts, empty input, bf16)."""
     torch.manual_seed(0)
     counts_E = torch.tensor(counts)
@@ -36,7 +37,7 @@ def test_grouped_linear_matches_loop(counts, dtype, tol):
     w = torch.randn(4, 40, 24, dtype=dtype, requires_grad=True)
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     grad = torch.randn(len(x), 40, dtype=dtype)
-    y, yr = grouped_linear(x, w, counts_E), grouped_linear_loop(xr, wr, counts_E)
+    y, yr = impl(x, w, counts_E), grouped_linear_loop(xr, wr, counts_E)
     (y * grad).sum().backward()
     (yr * grad).sum().backward()
     assert w.grad is not None, "a rank with no tokens still gets (zero) weight gradients"
@@ -144,12 +145,19 @@ def moe_model(*overrides: str, model: ModelConfig = MODEL):
     return build_model(model, 0, moe=cfg.moe)
 
 
+# Causality tolerance: a changed token can change an expert's row count, and a grouped GEMM of a
+# different shape may sum in a different order (ULP-level differences, ~1e-8), never more.
+CAUSAL_ATOL = 1e-6
+
+
 def test_dropless_token_choice_model_is_causal():
     model = moe_model().train()
     tokens = torch.randint(0, 64, (2, 16))
     changed = tokens.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 64
-    torch.testing.assert_close(model(tokens).logits_BLV[:, :9], model(changed).logits_BLV[:, :9], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(tokens).logits_BLV[:, :9], model(changed).logits_BLV[:, :9], rtol=0, atol=CAUSAL_ATOL
+    )
 
 
 def test_expert_choice_leaks_in_training_not_in_eval():
@@ -161,9 +169,12 @@ def test_expert_choice_leaks_in_training_not_in_eval():
         changed = tokens.clone()
         changed[:, 15] = torch.randint(0, 64, (2,), generator=torch.Generator().manual_seed(seed))
         model.train()
-        leaks.append(not torch.equal(model(tokens).logits_BLV[:, :15], model(changed).logits_BLV[:, :15]))
+        change = (model(tokens).logits_BLV[:, :15] - model(changed).logits_BLV[:, :15]).abs().max()
+        leaks.append(change > 1e-4)
         model.eval()
-        torch.testing.assert_close(model(tokens).logits_BLV[:, :15], model(changed).logits_BLV[:, :15], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(tokens).logits_BLV[:, :15], model(changed).logits_BLV[:, :15], rtol=0, atol=CAUSAL_ATOL
+        )
     assert any(leaks), "expert choice in training mode must show the future-token leak"
 
 

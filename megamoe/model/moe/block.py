@@ -6,6 +6,7 @@ E experts.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,9 @@ from torch import nn
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.layers import SwiGLU
 from megamoe.model.moe.losses import balance_loss, z_loss
+from megamoe.model.moe.noise import uniform
 from megamoe.model.moe.routing import Assignments, capacity, route
+from megamoe.model.moe.state import RoutingState
 from megamoe.model.moe.stats import RoutingStats, routing_stats
 
 if TYPE_CHECKING:
@@ -34,11 +37,13 @@ class MoELayerOutput:
 class MoEFFN(nn.Module):
     """Routed SwiGLU experts, optional shared experts and OpenMoE's residual dense FFN."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, factory: LayerFactory):
+    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, factory: LayerFactory, index: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index
         hidden = cfg.expert_hidden_size or model_cfg.ffn_hidden
-        self.router = nn.Linear(model_cfg.d_model, cfg.num_experts, bias=False)
+        gru = cfg.scorer == "gru"
+        self.proj = nn.Linear(model_cfg.d_model, cfg.gru_hidden, bias=False) if gru else None
+        self.router = nn.Linear(cfg.gru_hidden if gru else model_cfg.d_model, cfg.num_experts, bias=False)
         self.experts = factory.experts(cfg.num_experts, model_cfg.d_model, hidden)
         self.dispatcher = factory.dispatcher(cfg.num_experts)
         self.tokens = factory.token_group()
@@ -46,13 +51,15 @@ class MoEFFN(nn.Module):
         self.shared = SwiGLU(model_cfg.d_model, shared, factory) if shared else None
         self.dense = SwiGLU(model_cfg.d_model, model_cfg.ffn_hidden, factory) if cfg.residual else None
 
-    def forward(self, x_LBD: torch.Tensor) -> tuple[torch.Tensor, MoELayerOutput]:
-        """The block's output and its losses/statistics."""
+    def forward(self, x_LBD: torch.Tensor, state: RoutingState | None = None) -> tuple[torch.Tensor, MoELayerOutput]:
+        """The block's output and its losses/statistics (state: routing context, RMoE's GRU state)."""
+        state = state or RoutingState()
         x_lBD = self.tokens.split(x_LBD)
         rows, batch, dim = x_lBD.shape
         x_TD = x_lBD.reshape(-1, dim)
-        logits_TE = self.scorer(x_TD)
-        assign = route(logits_TE, self.cfg, self.training)
+        draw = self._draw(state, rows, batch, x_TD.device)
+        logits_TE = self.scorer(x_TD, state, draw)
+        assign = route(logits_TE, self.cfg, self.training, draw)
         y_TD = self.dispatcher(x_TD, assign, self.experts, self._pad_to(len(x_TD)))
         y_LBD = self.tokens.merge(y_TD.view(rows, batch, dim).to(x_LBD.dtype))
         for extra in (self.shared, self.dense):
@@ -70,16 +77,33 @@ class MoEFFN(nn.Module):
         expert_params = sum(p.numel() for p in self.experts.parameters())
         return round(expert_params * (1 - min(per_token, self.cfg.num_experts) / self.cfg.num_experts))
 
-    def scorer(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits (fp32 unless moe.router_fp32 is off), with input jitter in training."""
-        if self.training and self.cfg.jitter_eps > 0:
-            eps = self.cfg.jitter_eps
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        weight = self.tokens.shared_param(self.router.weight)
-        if not self.cfg.router_fp32:
-            return F.linear(x_TD, weight)
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), weight.float())
+    def _draw(self, state: RoutingState, rows: int, batch: int, device: torch.device):
+        """Layout-independent U(0, 1) draws for this block's tokens: draw(kind, shape) → (T, *shape)."""
+        first, length = self.tokens.span(rows)
+        return lambda kind, shape: uniform(
+            state.ctx, self.index, kind, (first, rows, length), batch, shape, device
+        ).reshape(rows * batch, *shape)
+
+    def scorer(self, x_TD: torch.Tensor, state: RoutingState, draw) -> torch.Tensor:
+        """Router logits: linear, or RMoE's projector → shared GRU → router (fp32 unless router_fp32 is off)."""
+        cfg, param = self.cfg, self.tokens.shared_param
+        if self.training and cfg.input_jitter_eps > 0:
+            x_TD = x_TD * (1.0 - cfg.input_jitter_eps + 2 * cfg.input_jitter_eps * draw("jitter", (x_TD.shape[1],)))
+        precision = torch.autocast(x_TD.device.type, enabled=False) if cfg.router_fp32 else contextlib.nullcontext()
+        with precision:
+            x_TD = x_TD.float() if cfg.router_fp32 else x_TD
+            if self.proj is not None:
+                x_TD = self._gru_step(F.linear(x_TD, param(self.proj.weight)), state)
+            return F.linear(x_TD, param(self.router.weight).to(x_TD.dtype))
+
+    def _gru_step(self, x_TP: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        """RMoE: the shared GRU from the previous MoE block's state (zero at the first); updates the state."""
+        cfg = self.cfg
+        h_TP = state.h_TP if state.h_TP is not None and not cfg.gru_no_passing else torch.zeros_like(x_TP)
+        if cfg.gru_detach_state:
+            h_TP = h_TP.detach()
+        state.h_TP = state.gru(x_TP, h_TP.to(x_TP.dtype), self.tokens.shared_param)
+        return state.h_TP
 
     def _pad_to(self, tokens: int) -> int | None:
         """Rows per expert when padding every expert to its capacity (token choice with a capacity)."""

@@ -33,7 +33,7 @@ def balance_loss(
     """α·E·Σ fᵢPᵢ at moe.balance_loss_level (micro_batch, sequence or global)."""
     num_experts = cfg.num_experts
     probs_TE = _probs(logits_TE, cfg.score_fn)
-    if cfg.balance_loss_level == "sequence":
+    if cfg.balance_level == "sequence":
         flat_BE = (seq_T[:, None] * num_experts + requested_TK).reshape(-1)
         counts_BE = torch.bincount(flat_BE, minlength=num_seqs * num_experts).float().view(num_seqs, num_experts)
         psum_BE = torch.zeros(num_seqs, num_experts, device=logits_TE.device).index_add(0, seq_T, probs_TE)
@@ -44,7 +44,7 @@ def balance_loss(
     counts_E = torch.bincount(requested_TK.reshape(-1), minlength=num_experts).float()
     total = tokens.sum_tokens(torch.tensor(float(len(logits_TE)), device=logits_TE.device))
     p_E = tokens.sum_tokens(probs_TE.sum(0)) / total
-    if cfg.balance_loss_level == "global":
+    if cfg.balance_level == "global":
         f_E = tokens.sum_data_parallel(tokens.sum_tokens(counts_E)) / tokens.sum_data_parallel(total)
     else:
         f_E = tokens.sum_tokens(counts_E) / total

@@ -12,11 +12,13 @@ contribute nothing ("drop towards the end").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from megamoe.config import MoEConfig
+from megamoe.ops.sparsemixer import sparsemixer_weight
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Assignments:
     """Token choice: the expert of each (token, choice) before capacity; None for expert choice."""
     kept_TK: torch.Tensor | None = None
     """Token choice: whether that choice was kept (not dropped)."""
+    grad_scale_A: torch.Tensor | None = None
+    """Multiplies the gradient reaching each assignment's expert output (SparseMixer-v2's Algorithm 1)."""
 
 
 def scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
@@ -87,6 +91,11 @@ def token_choice(logits_TE: torch.Tensor, cfg: MoEConfig, k: int, capacity_facto
     return Assignments(token_TK[kept_TK], expert_TK[kept_TK], weight_TK[kept_TK], expert_TK, kept_TK)
 
 
+def _default_draw(tokens: int, device: torch.device) -> Draw:
+    """Draws from torch's default generator (when no routing context is given)."""
+    return lambda kind, shape: torch.rand((tokens, *shape), device=device)
+
+
 def expert_capacity(tokens: int, c: float, num_experts: int) -> int:
     """Expert choice: k_cap = round(n·c/E), at least 1 and at most n (flaxformer's rounding)."""
     return min(tokens, max(1, round(c * tokens / num_experts)))
@@ -101,8 +110,59 @@ def expert_choice(logits_TE: torch.Tensor, cfg: MoEConfig) -> Assignments:
     return Assignments(token_EC.reshape(-1), expert_EC.reshape(-1), weight_EC.reshape(-1))
 
 
-def route(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool) -> Assignments:
+Draw = Callable[[str, tuple[int, ...]], torch.Tensor]
+"""draw(kind, shape) → U(0, 1) samples of shape (T, *shape) from a layout-independent stream."""
+
+
+def relative_threshold_mask(scores_TE: torch.Tensor, eps: float) -> torch.Tensor:
+    """SparseMixer-v2's mask: expert i is out iff (z_max − z_i) / max(|z_i|, z_max) > 2·eps (0/0 stays in)."""
+    top_T1 = scores_TE.max(-1, keepdim=True).values
+    return (top_T1 - scores_TE) / scores_TE.abs().clamp(min=top_T1) > 2 * eps
+
+
+def sparsemixer_round(scores_TE, logits_TE, cfg: MoEConfig, training: bool, gumbel_u, heun_u):
+    """One round: mask, sample (Gumbel-max) or argmax, ω, and the weight with its custom gradient."""
+    masked_TE = scores_TE.masked_fill(relative_threshold_mask(scores_TE, cfg.jitter_eps), float("-inf"))
+    if training:
+        chosen_T = (masked_TE - torch.log(-torch.log(gumbel_u.clamp(1e-20, 1 - 1e-7)))).argmax(-1)
+    else:
+        chosen_T = masked_TE.argmax(-1)
+    probs_TE = masked_TE.softmax(-1)
+    omega_T = torch.ones_like(chosen_T, dtype=probs_TE.dtype)
+    if training:  # Heun's third-order mask: ω = 1 for the argmax or with probability 1/4, else 1/3
+        keep_T = (chosen_T == probs_TE.argmax(-1)) | (heun_u > 0.75)
+        omega_T = torch.where(keep_T, omega_T, omega_T / 3)
+    return chosen_T, sparsemixer_weight(logits_TE, probs_TE, chosen_T, omega_T), omega_T
+
+
+def sparsemixer(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool, draw: Draw | None) -> Assignments:
+    """GRIN's SparseMixer-v2: K rounds of sampling without replacement, weights not renormalized, dropless."""
+    k, tokens = cfg.top_k, len(logits_TE)
+    draw = draw or _default_draw(tokens, logits_TE.device)
+    gumbel_TKE = draw("gumbel", (k, cfg.num_experts)) if training else None
+    heun_TK = draw("heun", (k,)) if training else None
+    scores_TE = logits_TE.detach().float()
+    chosen, weights, omegas = [], [], []
+    for r in range(k):
+        u = (gumbel_TKE[:, r], heun_TK[:, r]) if training else (None, None)
+        chosen_T, weight_T, omega_T = sparsemixer_round(scores_TE, logits_TE, cfg, training, *u)
+        chosen.append(chosen_T)
+        weights.append(weight_T)
+        omegas.append(omega_T)
+        scores_TE = scores_TE.scatter(1, chosen_T[:, None], float("-inf"))
+    expert_TK = torch.stack(chosen, 1)
+    token_TK = torch.arange(tokens, device=logits_TE.device)[:, None].expand_as(expert_TK)
+    scale_A = None if cfg.omega_scales_expert_grad else 1.0 / torch.stack(omegas, 1).reshape(-1)
+    kept_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+    return Assignments(
+        token_TK.reshape(-1), expert_TK.reshape(-1), torch.stack(weights, 1).reshape(-1), expert_TK, kept_TK, scale_A
+    )
+
+
+def route(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool, draw: Draw | None = None) -> Assignments:
     """The configured routing; expert choice falls back to causal token choice outside training."""
+    if cfg.routing == "sparsemixer":
+        return sparsemixer(logits_TE, cfg, training, draw)
     if cfg.routing == "expert_choice":
         if training:
             return expert_choice(logits_TE, cfg)
