@@ -46,7 +46,7 @@ def router_step(block: MoEFFN, gru: GRUCell | None, x_TD: torch.Tensor):
 
     def step():
         state = RoutingState(gru=gru)
-        logits = block.scorer(x_TD, state, None)
+        logits = block.logits(x_TD, state, None)
         assign = route(logits, block.cfg, True)
         assign.weight_A.sum().backward()
 

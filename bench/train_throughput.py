@@ -43,7 +43,7 @@ def time_variant(overrides: list[str], steps: int, warmup: int = 2) -> tuple[flo
         opt.step()
     seconds = time.perf_counter() - start
     tps = steps * cfg.train.global_batch_size * seq / seconds
-    return tps, flops_per_token(cfg.model, count_parameters(model))
+    return tps, flops_per_token(cfg.model, count_parameters(model), cfg.moe)
 
 
 def main() -> None:

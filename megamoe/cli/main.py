@@ -22,7 +22,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from megamoe.cli import config_cmd, data_cmd, export_cmd, train_cmd
+    from megamoe.cli import config_cmd, data_cmd, export_cmd, generate_cmd, train_cmd
 
     parser = argparse.ArgumentParser(prog="megamoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     config_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    generate_cmd.add_parser(sub)
     return parser
 
 

@@ -42,7 +42,7 @@ def dry_run(cfg, world: int) -> int:
     print(f"# layout: {layout.describe()} on {world} rank(s), {layout.micro_batches} micro-batch(es) per step")
     print(f"# parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
     print(f"# parameters per rank: {per_rank.total:,} (model replicas: {layout.dp})")
-    print(f"# training FLOPs per token: {flops_per_token(cfg.model, counts):,.0f}")
+    print(f"# training FLOPs per token: {flops_per_token(cfg.model, counts, cfg.moe):,.0f}")
     return 0
 
 

@@ -104,8 +104,8 @@ class ModelConfig:
 class MoEConfig:
     """Which blocks are mixtures of experts, and how tokens are routed to them."""
 
-    routing: Literal["none", "topk", "expert_choice", "sparsemixer"] = "none"
-    """Routing family: none = dense; topk = token choice; expert_choice; sparsemixer = GRIN's SparseMixer-v2."""
+    routing: Literal["none", "topk", "expert_choice", "sparsemixer", "lory"] = "none"
+    """Routing family: none = dense; topk; expert_choice; sparsemixer (GRIN); lory (segment-routed expert merging)."""
     scorer: Literal["linear", "gru"] = "linear"
     """Router logits from a linear layer, or RMoE's GRU carried from MoE layer to MoE layer."""
     num_experts: int = 8
@@ -158,6 +158,16 @@ class MoEConfig:
     """Where f and P are measured (micro-batch, sequence, all DP ranks); auto: global for sparsemixer."""
     z_loss_coef: float = 0.001
     """Router z-loss coefficient (ST-MoE); 0 = off."""
+    segment_length: int = 256
+    """Lory: tokens per routing segment T (the last segment of a sequence may be shorter)."""
+    routing_mode: Literal["causal_segment", "prefix"] = "causal_segment"
+    """Lory: segment k routed by segment k-1's mean, or every segment by the first one (the paper's ablation)."""
+    merge_impl: Literal["reference", "triton", "auto"] = "auto"
+    """Lory's expert merge: reference (einsum + bmm, merge recomputed in backward), triton kernels, or auto."""
+    dense_warmup_fraction: float = -1.0
+    """Train dense (all on expert 0) for this fraction of steps, then copy it to all experts; -1 = 0.05 lory else 0."""
+    generate_routing: Literal["prompt", "segment"] = "prompt"
+    """Lory in generation: route once per layer from the prompt mean, or re-route every segment."""
     log_per_expert: bool = False
     """Also log tokens per expert for every expert and layer (many W&B keys); aggregates are always logged."""
 
@@ -165,6 +175,13 @@ class MoEConfig:
     def enabled(self) -> bool:
         """The model has MoE blocks."""
         return self.routing != "none"
+
+    @property
+    def warmup_fraction(self) -> float:
+        """dense_warmup_fraction resolved."""
+        if self.dense_warmup_fraction >= 0:
+            return self.dense_warmup_fraction
+        return 0.05 if self.routing == "lory" else 0.0
 
     @property
     def balance_level(self) -> str:
@@ -184,12 +201,32 @@ class MoEConfig:
         _positive(self, "gru_hidden")
         _non_negative(self, "capacity_factor", "eval_capacity_factor", "balance_loss_coef", "z_loss_coef")
         _check(
-            self.top_k <= self.num_experts, "top_k", f"({self.top_k}) must be <= moe.num_experts ({self.num_experts})"
+            self.routing == "lory" or self.top_k <= self.num_experts,
+            "top_k",
+            f"({self.top_k}) must be <= moe.num_experts ({self.num_experts})",
         )
         _check(self.input_jitter_eps < 1.0, "input_jitter_eps", f"must be < 1, got {self.input_jitter_eps}")
         if self.routing == "expert_choice":
             _check(self.capacity_factor > 0, "capacity_factor", "expert_choice needs c > 0 (average experts per token)")
             _check(self.score_fn == "softmax", "score_fn", "expert_choice uses softmax scores")
+        _positive(self, "segment_length")
+        _check(
+            self.dense_warmup_fraction < 1.0, "dense_warmup_fraction", f"must be < 1, got {self.dense_warmup_fraction}"
+        )
+        _check(
+            self.routing == "lory" or self.warmup_fraction == 0,
+            "dense_warmup_fraction",
+            "dense warm-up and upcycling are implemented for moe.routing=lory",
+        )
+        if self.routing == "lory":
+            _check(
+                self.capacity_factor == 0, "capacity_factor", "lory merges every expert for every segment: no capacity"
+            )
+            _check(
+                self.num_shared_experts == 0 and not self.residual,
+                "num_shared_experts",
+                "lory has no shared or residual FFN",
+            )
         if self.routing == "sparsemixer":
             _check(self.capacity_factor == 0 and self.eval_capacity_factor == 0, "capacity_factor",
                    "sparsemixer is dropless: moe.capacity_factor and moe.eval_capacity_factor must be 0")  # fmt: skip

@@ -17,6 +17,7 @@ from torch import nn
 from megamoe.config import ModelConfig
 from megamoe.model.factory import LayerFactory
 from megamoe.model.layers import Rotary
+from megamoe.model.moe.state import DecodeCache
 
 
 class Attention(nn.Module):
@@ -31,17 +32,34 @@ class Attention(nn.Module):
         self.qkv = factory.column(cfg.d_model, qkv_out)
         self.proj = factory.row(cfg.num_heads * cfg.head_dim, cfg.d_model)
 
-    def forward(self, x_LBD: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        """Causal attention over the whole sequence (under sequence parallelism the QKV
-        projection gathers the sequence and the output projection scatters it again)."""
+    def forward(
+        self, x_LBD: torch.Tensor, rotary: Rotary, cache: DecodeCache | None = None, index: int = 0
+    ) -> torch.Tensor:
+        """Causal attention over the whole sequence (under sequence parallelism the QKV projection
+        gathers the sequence and the output projection scatters it again). With a decode cache the
+        new tokens attend to the cached ones: a prompt into an empty cache, then one token at a time."""
         qkv_LBGXK = self.qkv(x_LBD)
         length, batch = qkv_LBGXK.shape[:2]
         qkv_LBGXK = qkv_LBGXK.view(length, batch, self.groups, self.q_per_group + 2, self.head_dim)
         q_BHLK = qkv_LBGXK[:, :, :, :-2].flatten(2, 3).permute(1, 2, 0, 3)
         k_BGLK = qkv_LBGXK[:, :, :, -2].permute(1, 2, 0, 3)
         v_BGLK = qkv_LBGXK[:, :, :, -1].permute(1, 2, 0, 3)
-        q_BHLK, k_BGLK = rotary(q_BHLK), rotary(k_BGLK)
+        offset = cache.length if cache is not None else 0
+        q_BHLK, k_BGLK = rotary(q_BHLK, offset), rotary(k_BGLK, offset)
+        if cache is not None:
+            k_BGLK, v_BGLK = self._extend(cache, index, k_BGLK, v_BGLK, length)
         out_BHLK = F.scaled_dot_product_attention(
-            q_BHLK, k_BGLK, v_BGLK, is_causal=True, enable_gqa=self.q_per_group > 1
+            q_BHLK, k_BGLK, v_BGLK, is_causal=offset == 0, enable_gqa=self.q_per_group > 1
         )
         return self.proj(out_BHLK.permute(2, 0, 1, 3).flatten(2))
+
+    @staticmethod
+    def _extend(cache: DecodeCache, index: int, k_BGLK, v_BGLK, length: int):
+        """Append the new keys/values to the cache and return all of them."""
+        if index in cache.keys:
+            if length != 1:
+                raise ValueError("a decode cache takes a prompt into an empty cache, then one token per step")
+            k_BGLK = torch.cat([cache.keys[index], k_BGLK], dim=2)
+            v_BGLK = torch.cat([cache.values[index], v_BGLK], dim=2)
+        cache.keys[index], cache.values[index] = k_BGLK, v_BGLK
+        return k_BGLK, v_BGLK

@@ -78,6 +78,18 @@ class LayerFactory:
         """This rank's grouped SwiGLU experts (all of them in a single process)."""
         return GroupedExperts(num_experts, dim, hidden)
 
+    def lory_experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        """Lory's experts (each split along F over the expert-parallel ranks in the parallel factory)."""
+        from megamoe.model.moe.lory import LoryExperts
+
+        return LoryExperts(num_experts, dim, hidden)
+
+    def lory_comm(self):
+        """Lory's view of its tokens and of the ranks sharing its experts' F dimension."""
+        from megamoe.model.moe.lory import LoryComm
+
+        return LoryComm()
+
     def dispatcher(self, num_experts: int):
         """Moves routed tokens to their experts and back (all-to-all under expert parallelism)."""
         return LocalDispatcher(num_experts)

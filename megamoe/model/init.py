@@ -41,20 +41,22 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def initial_value(name: str, param: torch.Tensor, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """This rank's slice of the initial value of the parameter called name (on the CPU)."""
+    if name.endswith("bias"):
+        return torch.zeros(param.shape)
+    if param.ndim == 1:
+        return torch.ones(param.shape)
+    gen = torch.Generator().manual_seed(param_seed(seed, name))
+    full = torch.normal(0.0, init_std_for(name, cfg), full_shape(param), generator=gen)
+    for _, dim, rank, world in getattr(param, "shards", ()):
+        full = full.chunk(world, dim=dim)[rank]
+    return full
+
+
 @torch.no_grad()
 def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Initialize every parameter of model in place (norm scales → 1, weights → seeded normal)."""
     for name, param in model.named_parameters():
-        if param.is_meta:
-            continue
-        if name.endswith("bias"):
-            param.zero_()
-            continue
-        if param.ndim == 1:
-            param.fill_(1.0)
-            continue
-        gen = torch.Generator().manual_seed(param_seed(seed, name))
-        full = torch.normal(0.0, init_std_for(name, cfg), full_shape(param), generator=gen)
-        for _, dim, rank, world in getattr(param, "shards", ()):
-            full = full.chunk(world, dim=dim)[rank]
-        param.copy_(full)
+        if not param.is_meta:
+            param.copy_(initial_value(name, param, cfg, seed))

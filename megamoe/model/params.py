@@ -39,17 +39,29 @@ def meta_counts(cfg: ModelConfig, factory: LayerFactory | None = None, moe: MoEC
         return count_parameters(Transformer(cfg, factory, moe))
 
 
-def flops_per_token(cfg: ModelConfig, counts: ParamCounts) -> float:
+def flops_per_token(cfg: ModelConfig, counts: ParamCounts, moe: MoEConfig | None = None) -> float:
     """Training FLOPs per token, counted as megatron-core does.
 
     6 per active matmul weight (forward 2, backward 4) plus attention scores and values,
-    12·layers·d_model·seq_len (the full, not causally halved, attention matrix).
+    12·layers·d_model·seq_len (the full, not causally halved, attention matrix), plus Lory's merge.
     """
     matmul = counts.active - counts.embedding - _norm_params(cfg)
     if cfg.tie_embeddings:
         matmul += cfg.vocab_size * cfg.d_model  # the embedding matrix is also the LM head
     attention = 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
-    return 6.0 * matmul + attention
+    return 6.0 * matmul + attention + lory_merge_flops_per_token(cfg, moe)
+
+
+def lory_merge_flops_per_token(cfg: ModelConfig, moe: MoEConfig | None) -> float:
+    """Lory's expert merge, 6·E·(3·D·F)/T per Lory layer: one merge of E experts per segment of T tokens.
+
+    Relative to the merged FFN itself (6·3·D·F per token) this is E/T (§1.11).
+    """
+    if moe is None or moe.routing != "lory":
+        return 0.0
+    layers = sum(moe.is_moe_layer(i) for i in range(cfg.num_layers))
+    ffn = 3 * cfg.d_model * (moe.expert_hidden_size or cfg.ffn_hidden)
+    return 6.0 * layers * moe.num_experts * ffn / min(moe.segment_length, cfg.seq_len)
 
 
 def _norm_params(cfg: ModelConfig) -> int:

@@ -18,8 +18,9 @@ from megamoe.model.init import init_parameters
 from megamoe.model.layers import Rotary, SwiGLU
 from megamoe.model.moe import MoEFFN, MoELayerOutput
 from megamoe.model.moe.gru import GRUCell
+from megamoe.model.moe.lory import LoryFFN
 from megamoe.model.moe.noise import RoutingContext
-from megamoe.model.moe.state import RoutingState
+from megamoe.model.moe.state import DecodeCache, RoutingState
 
 
 @dataclass
@@ -50,14 +51,15 @@ class Block(nn.Module):
         self.attn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, factory)
         self.ffn_norm = factory.norm(cfg.d_model, cfg.norm_eps)
-        self.is_moe = moe.is_moe_layer(index)
-        self.ffn = MoEFFN(cfg, moe, factory, index) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
+        self.index, self.is_moe = index, moe.is_moe_layer(index)
+        block = LoryFFN if moe.routing == "lory" else MoEFFN
+        self.ffn = block(cfg, moe, factory, index) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, factory)
 
     def forward(
         self, x_LBD: torch.Tensor, rotary: Rotary, state: RoutingState
     ) -> tuple[torch.Tensor, MoELayerOutput | None]:
         """One block; MoE blocks also return their losses and statistics (and advance the routing state)."""
-        x_LBD = x_LBD + self.attn(self.attn_norm(x_LBD), rotary)
+        x_LBD = x_LBD + self.attn(self.attn_norm(x_LBD), rotary, state.cache, self.index)
         if self.is_moe:
             y_LBD, aux = self.ffn(self.ffn_norm(x_LBD), state)
             return x_LBD + y_LBD, aux
@@ -82,15 +84,20 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
 
     def forward(
-        self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None, ctx: RoutingContext | None = None
+        self,
+        tokens_BL: torch.Tensor,
+        targets_BL: torch.Tensor | None = None,
+        ctx: RoutingContext | None = None,
+        cache: DecodeCache | None = None,
     ) -> ModelOutput:
         """Logits for every position, and per-token losses when targets are given.
 
-        ctx (seed, step, sample ids) makes stochastic routing draws independent of the layout.
+        ctx (seed, step, sample ids) makes stochastic routing draws independent of the layout;
+        cache turns on incremental decoding (keys/values and Lory's routing are kept in it).
         """
         h_LBD = self.embed(tokens_BL)
         moe: dict[int, MoELayerOutput] = {}
-        state = RoutingState(ctx, self.router_gru)
+        state = RoutingState(ctx, self.router_gru, cache=cache)
         for index, layer in enumerate(self.layers):
             h_LBD, aux = layer(h_LBD, self.rotary, state)
             if aux is not None:
@@ -98,10 +105,18 @@ class Transformer(nn.Module):
         tied_weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits_LBV = self.lm_head(self.norm(h_LBD), tied_weight)
         token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
+        if cache is not None:
+            cache.length += tokens_BL.shape[1]
         aux_loss = sum(
             (loss for out in moe.values() for loss in out.losses.values()), torch.zeros((), device=h_LBD.device)
         )
         return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL, aux_loss, moe)
+
+    def set_dense_phase(self, dense: bool) -> None:
+        """Dense warm-up: every MoE block routes everything to expert 0 (Lory's upcycling recipe)."""
+        for layer in self.layers:
+            if hasattr(layer.ffn, "dense_phase"):
+                layer.ffn.dense_phase = dense
 
 
 def build_model(

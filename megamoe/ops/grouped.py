@@ -26,11 +26,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _use_grouped_mm(x_NI: torch.Tensor) -> bool:
-    """torch._grouped_mm supports this tensor: any CPU dtype, or bf16 on a CUDA device of compute capability 9+."""
+    """torch._grouped_mm supports this tensor: fp32/bf16/fp16 on CPU, or bf16 on a CUDA device of capability 9+."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x_NI.device.type == "cpu":
-        return True
+        return x_NI.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return x_NI.is_cuda and x_NI.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
 
 

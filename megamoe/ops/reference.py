@@ -23,3 +23,15 @@ def sparsemixer_weight_st(
     """SparseMixer-v2's weight as straight-through autograd: p_D + stopgrad((ω − 1)·p_D), p = masked softmax."""
     p_chosen_T = logits_TE.masked_fill(mask_TE, float("-inf")).softmax(-1).gather(1, chosen_T[:, None]).squeeze(1)
     return p_chosen_T + ((omega_T - 1.0) * p_chosen_T).detach()
+
+
+def merged_swiglu_loop(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+    """Lory's merged SwiGLU one segment at a time: the merged weights spelled out as sums over experts."""
+    outs = []
+    for s in range(x_STD.shape[0]):
+        gate = sum(w_SE[s, e] * w_gate_EFD[e] for e in range(w_SE.shape[1]))
+        up = sum(w_SE[s, e] * w_up_EFD[e] for e in range(w_SE.shape[1]))
+        down = sum(w_SE[s, e] * w_down_EDF[e] for e in range(w_SE.shape[1]))
+        x = x_STD[s]
+        outs.append((torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t())
+    return torch.stack(outs)

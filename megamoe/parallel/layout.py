@@ -89,9 +89,33 @@ def resolve_layout(cfg: Config, world: int) -> Layout:
     )  # fmt: skip
 
 
+def _check_lory(cfg: Config, tp: int) -> None:
+    """Lory splits every expert's F over EP and gives each TP rank whole sequences."""
+    moe, par = cfg.moe, cfg.parallel
+    hidden = moe.expert_hidden_size or cfg.model.ffn_hidden
+    _require(
+        par.expert_tensor_parallel == 1,
+        "parallel.expert_tensor_parallel",
+        "must be 1 for lory: its experts are split along F over parallel.expert_parallel (expert-wise MP)",
+    )
+    _require(
+        hidden % par.expert_parallel == 0,
+        "moe.expert_hidden_size",
+        f"({hidden}) must be divisible by parallel.expert_parallel ({par.expert_parallel}): lory splits F over EP",
+    )
+    _require(
+        cfg.train.micro_batch_size % tp == 0,
+        "train.micro_batch_size",
+        f"({cfg.train.micro_batch_size}) must be divisible by parallel.tensor_parallel ({tp}): "
+        "lory gives each TP rank whole sequences",
+    )
+
+
 def _check_experts(cfg: Config, tp: int) -> None:
     """Experts divide over EP, each expert's FFN over ETP, and TP can split the sequence for routing."""
     moe, par = cfg.moe, cfg.parallel
+    if moe.routing == "lory":
+        return _check_lory(cfg, tp)
     hidden = moe.expert_hidden_size or cfg.model.ffn_hidden
     _require(
         moe.num_experts % par.expert_parallel == 0,

@@ -192,6 +192,17 @@ class ParallelFactory(LayerFactory):
         ep, etp = self.groups.ep, self.groups.etp
         return GroupedExperts(num_experts, dim, hidden, ep=(ep.rank, ep.size), etp=(etp.rank, etp.size))
 
+    def lory_experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        from megamoe.model.moe.lory import LoryExperts
+
+        ep = self.groups.ep
+        return LoryExperts(num_experts, dim, hidden, ep=(ep.rank, ep.size))
+
+    def lory_comm(self):
+        from megamoe.parallel.lory import ParallelLoryComm
+
+        return ParallelLoryComm(self.groups.tp, self.groups.ep, self.sequence_parallel)
+
     def dispatcher(self, num_experts: int):
         if self.groups.ep.size == 1 and self.groups.etp.size == 1:
             return super().dispatcher(num_experts)
@@ -235,3 +246,8 @@ class ShardShapeFactory(LayerFactory):
 
     def experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
         return GroupedExperts(num_experts, dim, hidden, ep=(0, self.ep_size), etp=(0, self.etp_size))
+
+    def lory_experts(self, num_experts: int, dim: int, hidden: int) -> nn.Module:
+        from megamoe.model.moe.lory import LoryExperts
+
+        return LoryExperts(num_experts, dim, hidden, ep=(0, self.ep_size))

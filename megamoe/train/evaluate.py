@@ -6,12 +6,14 @@ Shape legend: B batch, L sequence, D domains.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from megamoe.data import PackedSplit
+from megamoe.train.domain_routing import add_domain_routing
 
 
 def rank_share(batches: list[np.ndarray], rank: int, ranks: int) -> list[tuple[np.ndarray, float]]:
@@ -30,6 +32,23 @@ def eval_indices(split: PackedSplit, seq_len: int, batch_size: int, num_batches:
     return [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
 
 
+@dataclass
+class EvalSums:
+    """Per-domain sums of one evaluation (float64, CPU), to be summed over the data-parallel ranks."""
+
+    loss_D: torch.Tensor
+    """Summed token loss per domain."""
+    count_D: torch.Tensor
+    """Tokens per domain."""
+    routing_KDE: torch.Tensor
+    """Lory: per-token routing weights summed per (Lory layer, domain); (0, D, E) without Lory."""
+
+    def reduced(self, reduce) -> EvalSums:
+        """Every sum passed through reduce (e.g. a sum over the data-parallel ranks)."""
+        routing = reduce(self.routing_KDE) if self.routing_KDE.numel() else self.routing_KDE
+        return EvalSums(reduce(self.loss_D), reduce(self.count_D), routing)
+
+
 @torch.no_grad()
 def eval_sums(
     model: nn.Module,
@@ -38,20 +57,36 @@ def eval_sums(
     seq_len: int,
     num_domains: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted summed token loss and token count per domain (float64, on CPU) over (ids, weight) batches."""
+) -> EvalSums:
+    """Weighted loss, token count and (Lory) routing sums per domain over (ids, weight) batches."""
     was_training = model.training
     model.eval()
-    loss_sum_D = torch.zeros(num_domains, dtype=torch.float64)
-    count_D = torch.zeros(num_domains, dtype=torch.float64)
+    zeros_D = torch.zeros(num_domains, dtype=torch.float64)
+    sums = EvalSums(zeros_D.clone(), zeros_D.clone(), _routing_zeros(model, num_domains))
     for ids, weight in batches:
         batch = split.batch(ids, seq_len)
         out = model(batch.tokens_BL.to(device), batch.targets_BL.to(device))
         domains = batch.domains_BL.flatten()
-        loss_sum_D += weight * torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
-        count_D += weight * torch.bincount(domains, minlength=num_domains).double()
+        sums.loss_D += weight * torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
+        sums.count_D += weight * torch.bincount(domains, minlength=num_domains).double()
+        if sums.routing_KDE.numel():
+            add_domain_routing(sums.routing_KDE, out.moe, batch.domains_BL, weight)
     model.train(was_training)
-    return loss_sum_D, count_D
+    return sums
+
+
+def lory_layers(model: nn.Module) -> list[int]:
+    """Block indices of the Lory layers."""
+    from megamoe.model.moe.lory import LoryFFN
+
+    return [i for i, block in enumerate(getattr(model, "layers", ())) if isinstance(block.ffn, LoryFFN)]
+
+
+def _routing_zeros(model: nn.Module, num_domains: int) -> torch.Tensor:
+    """Zeroed (Lory layers, domains, experts) sums."""
+    layers = lory_layers(model)
+    experts = model.moe_cfg.num_experts if layers else 0
+    return torch.zeros(len(layers), num_domains, experts, dtype=torch.float64)
 
 
 def eval_metrics(loss_sum_D: torch.Tensor, count_D: torch.Tensor, domains: list[str]) -> dict[str, float]:

@@ -19,13 +19,18 @@ def _wandb_env(run_dir: Path) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+ROUTING_DOMAINS_FILE = "routing_domains.jsonl"
+"""Lory runs: one record per evaluation, {"step": s, "L<i>": {domain: [average weight per expert]}}."""
+
+
 class MetricSinks:
     """Fan one dict of scalars out to every configured sink (only on the logging rank)."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, resume_step: int | None):
         self.run_dir = run_dir
         if resume_step is not None:
-            _truncate_after(run_dir / "metrics.jsonl", resume_step)
+            for name in ("metrics.jsonl", ROUTING_DOMAINS_FILE):
+                _truncate_after(run_dir / name, resume_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
         self._wandb = self._init_wandb(cfg, run_dir, config, resume_step is not None)
         self._tb = self._init_tensorboard(cfg, run_dir)
@@ -72,6 +77,11 @@ class MetricSinks:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
+
+    def table(self, filename: str, step: int, record: dict) -> None:
+        """Append one structured record to <run_dir>/<filename> (JSON lines, truncated on resume like metrics)."""
+        with open(self.run_dir / filename, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
 
     def close(self) -> None:
         """Flush and close every sink."""

@@ -61,6 +61,7 @@ class MoEMetrics:
         out[f"{prefix}/load_max"] = float(load.max() / mean)
         out[f"{prefix}/load_min"] = float(load.min() / mean)
         out[f"{prefix}/dead"] = float((load == 0).sum())
+        out[f"{prefix}/utilization"] = float((stats.active_E > 0).double().mean())
         tokens = stats.tokens_P.sum().clamp_min(1)
         requested = stats.requested_E.sum().clamp_min(1)
         out[f"{prefix}/drop"] = (
@@ -84,4 +85,5 @@ class MoEMetrics:
             "moe/drop": sum(pick("drop")) / len(layers),
             "moe/load_cv_max": max(pick("load_cv")),
             "moe/dead": sum(pick("dead")),
+            "moe/utilization": sum(pick("utilization")) / len(layers),
         }

@@ -25,14 +25,16 @@ from megamoe.model.params import count_parameters, flops_per_token, meta_counts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.dist import any_rank, mean_over, sum_over
+from megamoe.train.domain_routing import domain_routing_metrics
 from megamoe.train.engine import PlainEngine
-from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, rank_share
+from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, lory_layers, rank_share
 from megamoe.train.flops import peak_tflops
-from megamoe.train.metrics import MetricSinks
+from megamoe.train.metrics import ROUTING_DOMAINS_FILE, MetricSinks
 from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
 from megamoe.train.preempt import PreemptionFlag
 from megamoe.train.run import RunSetup
+from megamoe.train.upcycle import upcycle, warmup_steps
 from megamoe.utils.fs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,12 @@ class Trainer:
         self.step = 0
         if setup.resume_from is not None:
             self._resume(setup.resume_from)
+        self.domain_routing: dict | None = None
+        """The last evaluation's per-domain routing weights per Lory layer."""
+        self.dense_steps = warmup_steps(self.cfg)
+        self.model.set_dense_phase(self.step < self.dense_steps)
         self.counts = meta_counts(self.cfg.model, moe=self.cfg.moe)
-        self.flops_per_token = flops_per_token(self.cfg.model, self.counts)
+        self.flops_per_token = flops_per_token(self.cfg.model, self.counts, self.cfg.moe)
         self.peak, self.peak_source = peak_tflops(groups.device, self.cfg.logging.peak_tflops)
 
     def _factory(self) -> LayerFactory:
@@ -130,6 +136,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
         self.engine.set_lr(lr)
         micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, dp.rank, dp.size, tcfg.micro_batch_size)
+        self._dense_warmup()
         loss_sum = torch.zeros((), device=self.groups.device)
         moe = MoEMetrics(self.cfg.moe) if self.cfg.moe.enabled else None
         for ids in micro:
@@ -147,6 +154,13 @@ class Trainer:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
         return metrics | (moe.reduce() if moe is not None else {})
 
+    def _dense_warmup(self) -> None:
+        """Lory: dense until step W, upcycled at the start of step W (megamoe.train.upcycle)."""
+        if self.dense_steps > 0 and self.step == self.dense_steps:
+            upcycle(self.model, self.engine, self.cfg, self.step)
+            log.info("step %d: dense warm-up done; every expert is now a copy of the dense FFN", self.step)
+        self.model.set_dense_phase(self.step < self.dense_steps)
+
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on the fixed eval slice, split over the data-parallel ranks."""
         tcfg, seq_len, dp = self.cfg.train, self.cfg.model.seq_len, self.groups.dp
@@ -156,7 +170,14 @@ class Trainer:
         domains = self.data.domains
         with self.engine.autocast():
             sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.groups.device)
-        return eval_metrics(*(sum_over(s, dp) for s in sums), domains)
+        sums = sums.reduced(lambda t: sum_over(t, dp))
+        metrics = eval_metrics(sums.loss_D, sums.count_D, domains)
+        if sums.routing_KDE.numel():
+            routing, self.domain_routing = domain_routing_metrics(
+                sums.routing_KDE, sums.count_D, lory_layers(self.model), domains
+            )
+            metrics |= routing
+        return metrics
 
     def save(self, last_loss: float) -> Path:
         """Checkpoint the current step (collective)."""
@@ -222,6 +243,8 @@ class Trainer:
             if self._due(cfg.train.eval_interval):
                 last_eval = self.evaluate()
                 self._record(sinks, last_eval)
+                if sinks is not None and self.domain_routing is not None:
+                    sinks.table(ROUTING_DOMAINS_FILE, self.step, self.domain_routing)
             if self._due(cfg.train.checkpoint_interval):
                 self.save(loss)
             if any_rank(preempt.raised):

@@ -117,7 +117,7 @@ def test_residual_moe_without_drops_is_dense_plus_weighted_experts():
     x = torch.randn(16, 2, 32)
     y, out = layer(x)
     x_TD = x.reshape(-1, 32)
-    probs = F.linear(x_TD, layer.router.weight).softmax(-1)
+    probs = F.linear(x_TD, layer.scorer.router.weight).softmax(-1)
     top_p, top_e = probs.topk(2, dim=-1)
     e = layer.experts
     expected = dense_swiglu(x_TD, layer.dense.gate.weight, layer.dense.up.weight, layer.dense.down.weight)

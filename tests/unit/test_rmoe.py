@@ -46,19 +46,19 @@ def two_blocks(*overrides: str):
 def logits_after(blocks, gru, x_TD: torch.Tensor, state: RoutingState | None = None) -> torch.Tensor:
     """Router logits of the second block after the first one ran (on the same tokens)."""
     state = state or RoutingState(gru=gru)
-    blocks[0].scorer(x_TD, state, None)
-    return blocks[1].scorer(x_TD, state, None)
+    blocks[0].logits(x_TD, state, None)
+    return blocks[1].logits(x_TD, state, None)
 
 
 def test_state_is_carried_and_no_passing_is_a_zero_state():
     blocks, gru = two_blocks()
     x = torch.randn(6, 32)
     carried = logits_after(blocks, gru, x)
-    fresh = blocks[1].scorer(x, RoutingState(gru=gru), None)  # zero state
+    fresh = blocks[1].logits(x, RoutingState(gru=gru), None)  # zero state
     assert not torch.allclose(carried, fresh), "the state from layer 1 changes layer 2's routing"
     np_blocks, np_gru = two_blocks("moe.gru_no_passing=true")
     torch.testing.assert_close(
-        logits_after(np_blocks, np_gru, x), np_blocks[1].scorer(x, RoutingState(gru=np_gru), None)
+        logits_after(np_blocks, np_gru, x), np_blocks[1].logits(x, RoutingState(gru=np_gru), None)
     )
 
 
@@ -67,7 +67,7 @@ def test_recurrent_gradient_reaches_the_first_projector(detach):
     """A loss on the last MoE layer's router logits trains the first layer's projector (not when detached)."""
     blocks, gru = two_blocks(f"moe.gru_detach_state={str(detach).lower()}")
     logits_after(blocks, gru, torch.randn(6, 32)).pow(2).sum().backward()
-    grad = blocks[0].proj.weight.grad
+    grad = blocks[0].scorer.proj.weight.grad
     if detach:
         assert grad is None or torch.count_nonzero(grad) == 0
     else:

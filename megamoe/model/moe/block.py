@@ -6,12 +6,10 @@ E experts.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import ModelConfig, MoEConfig
@@ -19,6 +17,7 @@ from megamoe.model.layers import SwiGLU
 from megamoe.model.moe.losses import balance_loss, z_loss
 from megamoe.model.moe.noise import uniform
 from megamoe.model.moe.routing import Assignments, capacity, route
+from megamoe.model.moe.scorer import Scorer
 from megamoe.model.moe.state import RoutingState
 from megamoe.model.moe.stats import RoutingStats, routing_stats
 
@@ -32,6 +31,8 @@ class MoELayerOutput:
 
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
+    segment_weights: torch.Tensor | None = None
+    """Lory: routing weights of every segment of the micro-batch, (N, B, E), detached."""
 
 
 class MoEFFN(nn.Module):
@@ -41,9 +42,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.cfg, self.index = cfg, index
         hidden = cfg.expert_hidden_size or model_cfg.ffn_hidden
-        gru = cfg.scorer == "gru"
-        self.proj = nn.Linear(model_cfg.d_model, cfg.gru_hidden, bias=False) if gru else None
-        self.router = nn.Linear(cfg.gru_hidden if gru else model_cfg.d_model, cfg.num_experts, bias=False)
+        self.scorer = Scorer(model_cfg.d_model, cfg)
         self.experts = factory.experts(cfg.num_experts, model_cfg.d_model, hidden)
         self.dispatcher = factory.dispatcher(cfg.num_experts)
         self.tokens = factory.token_group()
@@ -58,7 +57,7 @@ class MoEFFN(nn.Module):
         rows, batch, dim = x_lBD.shape
         x_TD = x_lBD.reshape(-1, dim)
         draw = self._draw(state, rows, batch, x_TD.device)
-        logits_TE = self.scorer(x_TD, state, draw)
+        logits_TE = self.logits(x_TD, state, draw)
         assign = route(logits_TE, self.cfg, self.training, draw)
         y_TD = self.dispatcher(x_TD, assign, self.experts, self._pad_to(len(x_TD)))
         y_LBD = self.tokens.merge(y_TD.view(rows, batch, dim).to(x_LBD.dtype))
@@ -84,26 +83,12 @@ class MoEFFN(nn.Module):
             state.ctx, self.index, kind, (first, rows, length), batch, shape, device
         ).reshape(rows * batch, *shape)
 
-    def scorer(self, x_TD: torch.Tensor, state: RoutingState, draw) -> torch.Tensor:
-        """Router logits: linear, or RMoE's projector → shared GRU → router (fp32 unless router_fp32 is off)."""
-        cfg, param = self.cfg, self.tokens.shared_param
-        if self.training and cfg.input_jitter_eps > 0:
-            x_TD = x_TD * (1.0 - cfg.input_jitter_eps + 2 * cfg.input_jitter_eps * draw("jitter", (x_TD.shape[1],)))
-        precision = torch.autocast(x_TD.device.type, enabled=False) if cfg.router_fp32 else contextlib.nullcontext()
-        with precision:
-            x_TD = x_TD.float() if cfg.router_fp32 else x_TD
-            if self.proj is not None:
-                x_TD = self._gru_step(F.linear(x_TD, param(self.proj.weight)), state)
-            return F.linear(x_TD, param(self.router.weight).to(x_TD.dtype))
-
-    def _gru_step(self, x_TP: torch.Tensor, state: RoutingState) -> torch.Tensor:
-        """RMoE: the shared GRU from the previous MoE block's state (zero at the first); updates the state."""
-        cfg = self.cfg
-        h_TP = state.h_TP if state.h_TP is not None and not cfg.gru_no_passing else torch.zeros_like(x_TP)
-        if cfg.gru_detach_state:
-            h_TP = h_TP.detach()
-        state.h_TP = state.gru(x_TP, h_TP.to(x_TP.dtype), self.tokens.shared_param)
-        return state.h_TP
+    def logits(self, x_TD: torch.Tensor, state: RoutingState, draw) -> torch.Tensor:
+        """Router logits, with multiplicative input jitter in training."""
+        eps = self.cfg.input_jitter_eps
+        if self.training and eps > 0:
+            x_TD = x_TD * (1.0 - eps + 2 * eps * draw("jitter", (x_TD.shape[1],)))
+        return self.scorer(x_TD, state, self.tokens.shared_param)
 
     def _pad_to(self, tokens: int) -> int | None:
         """Rows per expert when padding every expert to its capacity (token choice with a capacity)."""

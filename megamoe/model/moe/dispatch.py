@@ -46,11 +46,12 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def combine(y_AD: torch.Tensor, s: Sorted, tokens: int) -> torch.Tensor:
-    """Σ over a token's assignments of weight · expert output (fp32); tokens with none get 0."""
+    """Σ over a token's assignments of weight · expert output (at least fp32); tokens with none get 0."""
     if s.grad_scale_A is not None:
         y_AD = _ScaleGrad.apply(y_AD, s.grad_scale_A)
-    out_TD = y_AD.new_zeros(tokens, y_AD.shape[1], dtype=torch.float32)
-    return out_TD.index_add(0, s.token_A, y_AD.float() * s.weight_A[:, None])
+    dtype = torch.promote_types(y_AD.dtype, torch.float32)
+    out_TD = y_AD.new_zeros(tokens, y_AD.shape[1], dtype=dtype)
+    return out_TD.index_add(0, s.token_A, y_AD.to(dtype) * s.weight_A[:, None].to(dtype))
 
 
 class LocalDispatcher:

@@ -30,6 +30,8 @@ class RoutingStats:
     """Tokens whose first choice was dropped, per position bucket."""
     entropy: torch.Tensor
     """Σ over tokens of the router's score entropy (nats)."""
+    active_E: torch.Tensor
+    """Tokens (Lory: segments with weight > 2/E) each expert was active for."""
 
     def to_vector(self) -> torch.Tensor:
         """All fields as one fp64 vector (one all-reduce)."""
@@ -38,9 +40,9 @@ class RoutingStats:
     @classmethod
     def from_vector(cls, vec: torch.Tensor, num_experts: int) -> RoutingStats:
         """Inverse of to_vector."""
-        sizes = [num_experts, num_experts, POSITION_BUCKETS, POSITION_BUCKETS, POSITION_BUCKETS, 1]
+        sizes = [num_experts, num_experts, POSITION_BUCKETS, POSITION_BUCKETS, POSITION_BUCKETS, 1, num_experts]
         parts = torch.split(vec, sizes)
-        return cls(*parts[:5], parts[5].reshape(()))
+        return cls(*parts[:5], parts[5].reshape(()), parts[6])
 
 
 @torch.no_grad()
@@ -61,5 +63,6 @@ def routing_stats(logits_TE: torch.Tensor, assign: Assignments, position_T: torc
     per_bucket = lambda mask: torch.bincount(bucket_T[mask], minlength=POSITION_BUCKETS).double()  # noqa: E731
     all_T = torch.ones_like(bucket_T, dtype=torch.bool)
     return RoutingStats(
-        load_E, requested_E, per_bucket(all_T), per_bucket(dropped_any_T), per_bucket(dropped_first_T), entropy.double()
-    )
+        load_E, requested_E, per_bucket(all_T), per_bucket(dropped_any_T), per_bucket(dropped_first_T),
+        entropy.double(), load_E,
+    )  # fmt: skip

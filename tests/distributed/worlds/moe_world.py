@@ -22,6 +22,7 @@ from megamoe.config.resolve import with_vocab
 from megamoe.model.init import init_parameters
 from megamoe.model.moe import MoEFFN
 from megamoe.model.moe.gru import GRUCell
+from megamoe.model.moe.lory import LoryFFN
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.moe.state import RoutingState
 from megamoe.parallel.comm import all_gather_dim0
@@ -34,6 +35,7 @@ BASE = [
     "moe.num_experts=4", "moe.top_k=2", "train.micro_batch_size=2", "train.global_batch_size=8",
 ]  # fmt: skip
 TP2, SP = "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"
+LORY = ["moe.routing=lory", "moe.segment_length=4"]
 CASES = {
     "ep4": ["parallel.expert_parallel=4"],
     "ep2-etp2": ["parallel.expert_parallel=2", "parallel.expert_tensor_parallel=2"],
@@ -51,14 +53,25 @@ CASES = {
                                "moe.jitter_eps=0.3", "moe.balance_loss_level=micro_batch"],
     "tp2-ep2-gru-jitter": [TP2, "parallel.expert_parallel=2", "moe.scorer=gru", "moe.gru_hidden=8",
                            "moe.input_jitter_eps=0.5"],
+    # Lory: experts split along F over EP, whole sequences per TP rank, 4 segments of 4 tokens
+    "lory-ep2": [*LORY, "parallel.expert_parallel=2"],
+    "lory-ep4": [*LORY, "parallel.expert_parallel=4"],
+    "lory-tp2": [*LORY, TP2],
+    "lory-tp2-sp-ep2": [*LORY, TP2, SP, "parallel.expert_parallel=2"],
+    "lory-tp2-ep2-gru-prefix": [*LORY, TP2, "parallel.expert_parallel=2", "moe.scorer=gru", "moe.gru_hidden=8",
+                                "moe.routing_mode=prefix"],
 }  # fmt: skip
 
 
-def make_block(cfg, factory=None) -> MoEFFN:
+def make_block(cfg, factory=None) -> MoEFFN | LoryFFN:
     """The MoE block with layout-independent seeded weights (and RMoE's GRU, when the scorer is a GRU)."""
-    block = MoEFFN(cfg.model, cfg.moe, factory) if factory else MoEFFN(cfg.model, cfg.moe, _plain())
+    cls = LoryFFN if cfg.moe.routing == "lory" else MoEFFN
+    block = cls(cfg.model, cfg.moe, factory or _plain())
     block.gru = GRUCell(cfg.moe.gru_hidden) if cfg.moe.scorer == "gru" else None
     init_parameters(block, cfg.model, seed=7)
+    if cls is LoryFFN:  # decisive routing weights: a wrong segment's weights would show
+        with torch.no_grad():
+            block.scorer.router.weight.mul_(25.0)
     return block
 
 
@@ -76,7 +89,7 @@ def _plain():
 def force_rank0_experts(block: MoEFFN) -> None:
     """Router weights that send every (positive) token to experts 0 and 1, both on EP rank 0."""
     with torch.no_grad():
-        w = block.router.weight
+        w = block.scorer.router.weight
         w.copy_(torch.tensor([[1.0], [0.9], [-1.0], [-1.1]]).expand_as(w) * 0.05)
 
 

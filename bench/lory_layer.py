@@ -1,0 +1,93 @@
+"""Lory layer forward+backward time and memory against a dense SwiGLU of the same active size.
+
+Usage: python -m bench.lory_layer [--tokens N] [--repeats R] [--device cpu|cuda] [--impl reference|triton]
+A Lory layer with E experts of width F merges all three matrices once per segment of T tokens;
+every token then goes through one merged FFN of width F — the dense SwiGLU of width F is the
+same active size. Memory: on CUDA the peak allocated during forward+backward above what was
+allocated before; on CPU (no allocator statistics) the activations autograd saves for backward,
+parameters excluded — what the merge recomputation keeps small. Ratios are Lory / dense, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from bench.moe_block import fwd_bwd, timed
+from megamoe.config import ModelConfig, load_config
+from megamoe.model.factory import LayerFactory
+from megamoe.model.init import init_parameters
+from megamoe.model.layers import SwiGLU
+from megamoe.model.moe.lory import LoryFFN
+
+
+def saved_bytes(step, module: torch.nn.Module) -> int:
+    """Bytes of the activations autograd keeps for backward during one step (distinct storages, no parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def peak_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """CUDA: peak allocated above the baseline during forward+backward; CPU: activations saved for backward."""
+    step = fwd_bwd(module, x)
+    if x.device.type != "cuda":
+        return saved_bytes(step, module)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main() -> None:
+    """Print the markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impl", default="reference", choices=("reference", "triton"))
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=704)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    args = parser.parse_args()
+    dim, hidden, seq = args.dim, args.hidden, args.seq_len
+    model = ModelConfig(d_model=dim, num_heads=4, seq_len=seq, vocab_size=64, ffn_hidden_size=hidden)
+    x = torch.randn(seq, args.tokens // seq, dim, device=args.device)
+    dense = SwiGLU(dim, hidden, LayerFactory()).to(args.device)
+    init_parameters(dense, model, seed=0)
+    t_dense, m_dense = timed(fwd_bwd(dense, x), args.repeats), peak_bytes(dense, x)
+    threads = torch.get_num_threads()
+    print(f"machine: {platform.machine()} / {args.device}, torch {torch.__version__}, {threads} threads")
+    print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, merge {args.impl}")
+    print(f"dense SwiGLU: {args.tokens / t_dense:,.0f} tokens/s, memory {m_dense / 2**20:.1f} MiB\n")
+    print("| E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense | memory MiB | memory Lory / dense |")
+    print("|---|---|---|---|---|---|---|")
+    for seg in (64, 256):
+        for num_experts in (4, 8, 16, 32):
+            overrides = ["moe.routing=lory", f"moe.num_experts={num_experts}", f"moe.segment_length={seg}"]
+            cfg = load_config(None, [*overrides, f"moe.merge_impl={args.impl}"]).moe
+            lory = LoryFFN(model, cfg, LayerFactory()).to(args.device)
+            init_parameters(lory, model, seed=0)
+            t_lory = timed(fwd_bwd(lory, x), args.repeats)
+            m_lory = peak_bytes(lory, x)
+            print(
+                f"| {num_experts} | {seg} | {num_experts / seg:.3f} | {args.tokens / t_lory:,.0f} | "
+                f"{t_lory / t_dense:.2f} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
