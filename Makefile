@@ -49,6 +49,8 @@ bench: install
 	$(PY) bench/parallel_throughput.py
 	$(PY) bench/moe_block.py
 	$(PY) -m bench.router_overhead
+	$(PY) -m bench.lory_layer
+	$(PY) -m bench.similarity_order
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ from megamoe.config.schema import (
     MoEConfig,
     OptimConfig,
     ParallelConfig,
+    SimilarityConfig,
     TrainConfig,
     WandbConfig,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "SimilarityConfig",
     "TrainConfig",
     "WandbConfig",
     "build_config",

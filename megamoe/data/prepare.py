@@ -68,9 +68,16 @@ class PreparedData:
         return PackedSplit(self.root / name, np.dtype(self.manifest["dtype"]))
 
 
+def key_settings(cfg: DataConfig) -> dict:
+    """The settings that change the output (the similarity section only when it is used)."""
+    settings = {f: getattr(cfg, f) for f in KEY_FIELDS}
+    settings["similarity"] = dataclasses.asdict(cfg.similarity) if cfg.order == "similarity" else None
+    return settings
+
+
 def cache_key(cfg: DataConfig) -> str:
     """Hash of the source and every output-changing setting."""
-    settings = {f: getattr(cfg, f) for f in KEY_FIELDS}
+    settings = key_settings(cfg)
     ident = {"version": FORMAT_VERSION, "source": source_fingerprint(cfg), "settings": settings}
     if cfg.tokenizer:
         ident["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()
@@ -125,7 +132,7 @@ def _select(cfg: DataConfig, docs: datasets.Dataset) -> tuple[np.ndarray, int]:
 
 
 def split_documents(doc_idx: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Seeded split by document; each split's order is random (data.order = random)."""
+    """Seeded split by document; each split's order is random (the val split's whatever data.order says)."""
     perm = np.random.default_rng([cfg.seed, 2]).permutation(doc_idx)
     num_val = min(max(1, round(cfg.val_fraction * len(perm))), len(perm) - 1)
     return {"train": perm[num_val:], "val": perm[:num_val]}
@@ -161,18 +168,40 @@ def unigram_perplexity(train: PackedSplit, val: PackedSplit, vocab_size: int) ->
     return float(math.exp(-logp[np.asarray(val.tokens[1:])].mean()))
 
 
+def _similarity_order(cfg: DataConfig, docs, train_idx, domain_ids, out: Path, progress: bool):
+    """The training documents in similarity order (near-duplicates left out) and the ordering report."""
+    from megamoe.data.similarity import order_documents
+
+    train_idx = np.sort(train_idx)
+    batch = cfg.similarity.batch_size
+
+    def texts(rows: np.ndarray | None):
+        chosen = docs.select(train_idx if rows is None else train_idx[rows])
+        for part in chosen.iter(batch_size=batch):
+            yield part["text"]
+
+    domain_col = docs.select(train_idx)["domain"]
+    domain_N = np.asarray([domain_ids[d] for d in domain_col], dtype=np.int64)
+    (out / "similarity").mkdir()
+    path, report = order_documents(cfg.similarity, texts, domain_N, out / "similarity", cfg.seed, progress)
+    return train_idx[path], report
+
+
 def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
     """Prepare everything into out (a temp dir renamed by the caller)."""
     docs = load_documents(cfg, Path(cfg.cache_dir).expanduser() / "hf")
     doc_idx, empty = _select(cfg, docs)
     splits = split_documents(doc_idx, cfg)
+    domain_col = docs["domain"]
+    domains = sorted({domain_col[int(i)] for i in doc_idx})
+    domain_ids = {d: i for i, d in enumerate(domains)}
+    similarity = None
+    if cfg.order == "similarity":
+        splits["train"], similarity = _similarity_order(cfg, docs, splits["train"], domain_ids, out, progress)
     tok, trained = _tokenizer_for(cfg, docs, splits["train"])
     tok.save(str(out / "tokenizer.json"))
     eod = eod_id(tok, "data.tokenizer")
     vocab = tok.get_vocab_size()
-    domain_col = docs["domain"]
-    domains = sorted({domain_col[int(i)] for i in doc_idx})
-    domain_ids = {d: i for i, d in enumerate(domains)}
     dtype = token_dtype(vocab)
     counts = {
         name: _write_split(SplitWriter(out / name, dtype), docs, idx, tok, eod, domain_ids, progress, name)
@@ -182,12 +211,13 @@ def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
     manifest = {
         "key": key,
         "format_version": FORMAT_VERSION,
-        "settings": {f: getattr(cfg, f) for f in KEY_FIELDS},
+        "settings": key_settings(cfg),
         "source": cfg.path or "embedded: Python standard-library sources",
         "tokenizer": {"vocab_size": vocab, "eod_id": eod, "eod": tok.id_to_token(eod), "trained": trained},
         "dtype": dtype.name,
         "domains": domains,
-        "documents": {"total": len(docs), "empty_skipped": empty, "used": len(doc_idx)},
+        "documents": {"total": len(docs), "empty_skipped": empty, "used": sum(map(len, splits.values()))},
+        "similarity": similarity,
         "splits": counts,
         "unigram_val_ppl": ppl,
         "config": dataclasses.asdict(cfg),

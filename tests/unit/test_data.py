@@ -186,13 +186,15 @@ def test_sampler_global_batch_is_layout_independent():
             np.testing.assert_array_equal(np.concatenate(shards), single)
 
 
-def test_concurrent_prepare_builds_once(tmp_path):
-    """Two processes preparing the same data: one builds, the other waits and reuses it."""
+@pytest.mark.parametrize("order", ["random", "similarity"])
+def test_concurrent_prepare_builds_once(tmp_path, order):
+    """Two processes (ranks) preparing the same data: one builds, the other waits and reuses it."""
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"text {i} " * 50}) + "\n" for i in range(40)))
     code = (
         "import sys; from megamoe.config import load_config; from megamoe.data import prepare_data;"
-        f"cfg = load_config(None, ['data.path={path}', 'data.vocab_size=300', 'data.cache_dir={tmp_path / 'c'}']);"
+        f"cfg = load_config(None, ['data.path={path}', 'data.vocab_size=300', 'data.cache_dir={tmp_path / 'c'}',"
+        f" 'data.order={order}']);"
         "print(prepare_data(cfg.data, progress=False).root)"
     )
     import subprocess
