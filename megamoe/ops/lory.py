@@ -10,14 +10,16 @@ matrix is merged with one GEMM over the expert axis, then one bmm per matrix run
 Backward keeps only what a dense SwiGLU keeps (x and the gate/up pre-activations). It re-merges
 the chunk's weights — E/T of the FFN FLOPs — instead of storing merged copies, which would be
 3·F·D per segment and far larger than the activations. The merge and the weight gradients
-accumulate in (at least) fp32; the matmuls run in the autocast dtype. `triton` (kernels/) merges weight
-tiles in registers and never writes merged weights; `auto` picks Triton on CUDA when the kernels
-import, else the reference. `megamoe.ops.reference.merged_swiglu_loop` is the slow oracle.
+accumulate in (at least) fp32; the matmuls run in the autocast dtype. `triton` (kernels/lory.py
+through megamoe.ops.lory_triton) merges weight tiles in registers and never writes merged weights;
+`auto` picks Triton on CUDA when the kernels import, else the reference.
+`megamoe.ops.reference.merged_swiglu_loop` is the slow oracle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -113,20 +115,33 @@ def merged_swiglu_reference(
 
 
 def resolve_merge_impl(impl: str, device: torch.device) -> str:
-    """moe.merge_impl resolved for a device: auto = triton on CUDA when the kernels import, else reference."""
-    if impl == "reference":
-        return "reference"
-    available = device.type == "cuda" and _triton_available()
+    """moe.merge_impl resolved for a device (auto = triton on CUDA when the kernels import), logged once.
+
+    Explicit `triton` also runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1): slow, for tests.
+    """
+    available = _triton_runs_on(device) and _triton_available()
     if impl == "triton" and not available:
         from megamoe.errors import ConfigError
 
-        where = "needs a CUDA device" if device.type != "cuda" else "could not import megamoe_kernels.lory"
+        where = "could not import megamoe_kernels.lory" if _triton_runs_on(device) else "needs a CUDA device"
         raise ConfigError("moe.merge_impl", f"triton {where}; use reference or auto")
-    return "triton" if available else "reference"
+    chosen = "triton" if available and (impl == "triton" or (device.type == "cuda" and impl == "auto")) else "reference"
+    if (impl, device.type, chosen) not in _LOGGED:
+        _LOGGED.add((impl, device.type, chosen))
+        log.info("lory: moe.merge_impl=%s on %s -> %s merge", impl, device.type, chosen)
+    return chosen
+
+
+_LOGGED: set[tuple[str, str, str]] = set()
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, or on the CPU under the interpreter (TRITON_INTERPRET=1, for tests)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _triton_available() -> bool:
-    """The fused merge kernels import (Triton present, kernels built)."""
+    """The fused merge kernels import (Triton present, kernels installed)."""
     try:
         import megamoe_kernels.lory  # noqa: F401
     except ImportError:
@@ -137,7 +152,7 @@ def _triton_available() -> bool:
 def merged_swiglu(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, impl: str = "reference") -> torch.Tensor:
     """y_STD for every segment (impl already resolved by resolve_merge_impl)."""
     if impl == "triton":
-        from megamoe_kernels.lory import merged_swiglu_triton
+        from megamoe.ops.lory_triton import merged_swiglu_triton
 
         return merged_swiglu_triton(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF)
     return merged_swiglu_reference(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF)
