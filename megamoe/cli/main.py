@@ -22,7 +22,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from megamoe.cli import config_cmd, data_cmd, export_cmd, generate_cmd, train_cmd
+    from megamoe.cli import analyze_cmd, config_cmd, data_cmd, eval_cmd, export_cmd, generate_cmd, train_cmd
 
     parser = argparse.ArgumentParser(prog="megamoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
+    eval_cmd.add_parser(sub)
+    analyze_cmd.add_parser(sub)
     return parser
 
 
 def setup_logging() -> None:
     """INFO lines on stderr; quiet third-party loggers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("datasets", "urllib3", "filelock", "torch.distributed", "DeepSpeed", "megatron"):
+    for noisy in ("datasets", "urllib3", "filelock", "torch.distributed", "DeepSpeed", "megatron", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # megatron-core announces at import that it falls back to torch kernels without TE/apex: expected here.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

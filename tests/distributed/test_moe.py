@@ -78,6 +78,26 @@ def test_dropless_training_matches_single_process(name, moe_reference, data_cach
     got = final_params(run_dir)
     for param, want in moe_reference["params"].items():
         torch.testing.assert_close(got[param], want, rtol=0, atol=PARAM_ATOL, msg=lambda m, p=param: f"{p}: {m}")
+    if name == "ep2-tp2":
+        check_export(run_dir, moe_reference["params"], tmp_path / "export")
+
+
+def check_export(run_dir, reference_params: dict, out):
+    """Sharded run → export → the exported model's logits equal the run's checkpoint's and the reference's."""
+    from megamoe.model import build_model
+    from megamoe.train.export import export_run, load_exported, load_run_model
+    from megamoe.train.run import load_run_config
+
+    exported = load_exported(export_run(run_dir, out))
+    checkpoint_model, _ = load_run_model(run_dir)
+    cfg = load_run_config(str(run_dir), [])
+    reference = build_model(cfg.model, 0, moe=cfg.moe)
+    reference.load_state_dict(reference_params)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = exported.eval()(tokens).logits_BLV
+        torch.testing.assert_close(logits, checkpoint_model(tokens).logits_BLV, rtol=0, atol=0)
+        torch.testing.assert_close(logits, reference.eval()(tokens).logits_BLV, rtol=0, atol=1e-4)
 
 
 FAMILIES = {

@@ -16,7 +16,7 @@ from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.layers import SwiGLU
 from megamoe.model.moe.losses import balance_loss, z_loss
 from megamoe.model.moe.noise import uniform
-from megamoe.model.moe.routing import Assignments, capacity, route
+from megamoe.model.moe.routing import Assignments, capacity, route, scores
 from megamoe.model.moe.scorer import Scorer
 from megamoe.model.moe.state import RoutingState
 from megamoe.model.moe.stats import RoutingStats, routing_stats
@@ -33,6 +33,8 @@ class MoELayerOutput:
     stats: RoutingStats
     segment_weights: torch.Tensor | None = None
     """Lory: routing weights of every segment of the micro-batch, (N, B, E), detached."""
+    record: dict[str, torch.Tensor] | None = None
+    """Per-token routing decisions for analysis (blocks with record_routing set): see MoEFFN.record."""
 
 
 class MoEFFN(nn.Module):
@@ -49,6 +51,8 @@ class MoEFFN(nn.Module):
         shared = hidden * cfg.num_shared_experts
         self.shared = SwiGLU(model_cfg.d_model, shared, factory) if shared else None
         self.dense = SwiGLU(model_cfg.d_model, model_cfg.ffn_hidden, factory) if cfg.residual else None
+        self.record_routing = False
+        """Analysis: also return every token's routing decisions (MoELayerOutput.record)."""
 
     def forward(self, x_LBD: torch.Tensor, state: RoutingState | None = None) -> tuple[torch.Tensor, MoELayerOutput]:
         """The block's output and its losses/statistics (state: routing context, RMoE's GRU state)."""
@@ -68,7 +72,24 @@ class MoEFFN(nn.Module):
         losses = self.aux_losses(logits_TE, assign, token_T % batch, batch)
         first, length = self.tokens.span(rows)
         stats = routing_stats(logits_TE, assign, token_T // batch + first, length)
-        return y_LBD, MoELayerOutput(losses, stats)
+        record = self.record(logits_TE, assign, rows, batch) if self.record_routing else None
+        return y_LBD, MoELayerOutput(losses, stats, record=record)
+
+    @torch.no_grad()
+    def record(self, logits_TE: torch.Tensor, assign: Assignments, rows: int, batch: int) -> dict[str, torch.Tensor]:
+        """probs_LBE (router scores), weight_LBE (combine weight, 0 = not processed) and, for token choice,
+        choice_LBK (requested experts in choice order) and kept_LBK (False = dropped)."""
+        num_experts = logits_TE.shape[1]
+        weight_TE = torch.zeros_like(logits_TE, dtype=torch.float32)
+        weight_TE.index_put_((assign.token_A, assign.expert_A), assign.weight_A.float(), accumulate=True)
+        out = {
+            "probs_LBE": scores(logits_TE.float(), self.cfg.score_fn).view(rows, batch, num_experts),
+            "weight_LBE": weight_TE.view(rows, batch, num_experts),
+        }
+        if assign.requested_TK is not None:
+            out["choice_LBK"] = assign.requested_TK.view(rows, batch, -1)
+            out["kept_LBK"] = assign.kept_TK.view(rows, batch, -1)
+        return out
 
     def inactive_parameters(self) -> int:
         """Expert parameters a token does not use: all but k/E of them (c/E for expert choice)."""
