@@ -22,7 +22,16 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from megamoe.cli import analyze_cmd, config_cmd, data_cmd, eval_cmd, export_cmd, generate_cmd, train_cmd
+    from megamoe.cli import (
+        analyze_cmd,
+        config_cmd,
+        data_cmd,
+        eval_cmd,
+        export_cmd,
+        generate_cmd,
+        sweep_cmd,
+        train_cmd,
+    )
 
     parser = argparse.ArgumentParser(prog="megamoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -33,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     analyze_cmd.add_parser(sub)
+    sweep_cmd.add_parser(sub)
     return parser
 
 

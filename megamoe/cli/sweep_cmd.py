@@ -1,0 +1,54 @@
+"""`megamoe sweep SWEEP.yaml`: run an ablation grid locally or as a SLURM array, then `--collect` the results."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    p = sub.add_parser("sweep", help="run a sweep of configs (grid, zipped lists, seeds); --collect the results")
+    p.add_argument("sweep", type=Path, help="the sweep YAML file")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (local), or array tasks at a time (SLURM)")
+    p.add_argument("--slurm", action="store_true", help="submit one SLURM array job (launch/sweep_array.sbatch)")
+    p.add_argument("--gpus", type=int, default=8, help="--slurm: GPUs per run")
+    p.add_argument("--time", default="24:00:00", help="--slurm: time limit per run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state (with --slurm: the sbatch)")
+    p.add_argument("--collect", action="store_true", help="gather final metrics into results.csv/.md and curves.png")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """List, run, submit or collect."""
+    from megamoe.errors import MegamoeError
+    from megamoe.sweep.collect import collect
+    from megamoe.sweep.runner import run_local, sbatch_script, status, submit
+    from megamoe.sweep.spec import load_sweep
+
+    if args.parallel < 1:
+        raise MegamoeError("--parallel must be >= 1")
+    sweep = load_sweep(args.sweep)
+    if args.collect:
+        root, table = collect(sweep)
+        print(table, end="")
+        print(f"\nwritten to {root}/results.csv, results.md and curves.png")
+        return 0
+    if args.slurm:
+        script, runs_text = sbatch_script(sweep, args.parallel, args.gpus, args.time)
+        if args.dry_run:
+            print(script, end="")
+            print(
+                f"# {sweep.root / 'runs.txt'}:\n" + "".join(f"#   {line}\n" for line in runs_text.splitlines()), end=""
+            )
+            return 0
+        print(submit(sweep, script, runs_text))
+        return 0
+    if args.dry_run:
+        for r in sweep.runs:
+            print(f"{status(r):6s} {r.name}  {r.run_dir}")
+        return 0
+    failed = {name: rc for name, rc in run_local(sweep, args.parallel).items() if rc != 0}
+    if failed:
+        raise MegamoeError(f"sweep {sweep.name}: {len(failed)} runs failed: {', '.join(failed)} (see logs/)")
+    return 0

@@ -1,0 +1,123 @@
+"""`megamoe sweep --collect`: final metrics of every run, means and spreads over seeds, overlaid curves.
+
+Writes <sweep root>/results.csv (one row per finished run), results.md (one row per variant and
+grid point: mean ± sample std over seeds of the final validation loss and perplexity, tokens,
+tokens/s) and curves.png (mean eval loss and smoothed train loss against tokens, per group).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from megamoe.sweep.spec import Sweep
+from megamoe.train.metrics import read_metrics
+
+
+def group_of(run_name: str) -> str:
+    """The run name without its seed suffix."""
+    return run_name.rsplit("-seed", 1)[0]
+
+
+def run_rows(sweep: Sweep) -> list[dict]:
+    """Final metrics of the finished runs."""
+    rows = []
+    for run in sweep.runs:
+        path = run.run_dir / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        rows.append({
+            "run": run.name, "group": group_of(run.name), "seed": run.seed, "step": summary["step"],
+            "tokens": summary["tokens"], "eval_loss": summary["eval/loss"], "eval_ppl": summary["eval/ppl"],
+            "seconds": round(summary.get("seconds", float("nan")), 1),
+        })  # fmt: skip
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    """'mean ± std' (sample std; '±' omitted for one seed)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def group_table(rows: list[dict]) -> list[dict]:
+    """One row per group, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    out = []
+    for name, members in groups.items():
+        out.append({
+            "variant": name, "seeds": len(members), "tokens": members[0]["tokens"],
+            "val loss": _mean_std([m["eval_loss"] for m in members]),
+            "val ppl": _mean_std([m["eval_ppl"] for m in members]),
+            "tokens/s": f"{statistics.fmean(m['tokens'] / m['seconds'] for m in members):,.0f}",
+        })  # fmt: skip
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    """A markdown table."""
+    cols = list(table[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def curves(sweep: Sweep, path: Path) -> None:
+    """Mean eval loss and smoothed train loss against tokens, one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[list, list, list, list]]] = {}
+    for run in sweep.runs:
+        if not (run.run_dir / "metrics.jsonl").is_file():
+            continue
+        records = read_metrics(run.run_dir)
+        tokens_per_step = run.cfg.train.global_batch_size * run.cfg.model.seq_len
+        train = [(r["step"] * tokens_per_step, r["train/loss"]) for r in records if "train/loss" in r]
+        evals = [(r["step"] * tokens_per_step, r["eval/loss"]) for r in records if "eval/loss" in r]
+        series.setdefault(group_of(run.name), []).append((*zip(*train, strict=True), *zip(*evals, strict=True)))
+    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in series.items():
+        n = min(len(r[0]) for r in runs)
+        train_x, train_y = runs[0][0][:n], np.mean([r[1][:n] for r in runs], 0)
+        window = max(1, n // 20)
+        smooth = np.convolve(train_y, np.ones(window) / window, mode="valid")
+        ax_train.plot(train_x[window - 1 :], smooth, label=name)
+        m = min(len(r[2]) for r in runs)
+        ax_eval.plot(runs[0][2][:m], np.mean([r[3][:m] for r in runs], 0), marker="o", label=name)
+    for ax, title in ((ax_train, "train loss (smoothed, mean over seeds)"), (ax_eval, "val loss (mean over seeds)")):
+        ax.set_xlabel("tokens")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def collect(sweep: Sweep) -> tuple[Path, str]:
+    """Write results.csv, results.md and curves.png; returns (root, the markdown table)."""
+    rows = run_rows(sweep)
+    if not rows:
+        from megamoe.errors import MegamoeError
+
+        raise MegamoeError(f"--collect: no finished run under {sweep.root}")
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    with open(sweep.root / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(group_table(rows))
+    missing = len(sweep.runs) - len(rows)
+    note = f"\n{missing} of {len(sweep.runs)} runs not finished.\n" if missing else ""
+    (sweep.root / "results.md").write_text(f"# {sweep.name}\n\n{table}{note}\n![curves](curves.png)\n")
+    curves(sweep, sweep.root / "curves.png")
+    return sweep.root, table

@@ -1,0 +1,137 @@
+"""Sweep files: a base config, named variants, a grid and zipped lists of overrides, and seeds → runs.
+
+A sweep YAML holds:
+  name: study                  # folder under `out`
+  out: runs/sweeps             # default; relative to the working directory
+  config: ../debug/cpu_tiny.yaml   # base config (relative to the sweep file); optional
+  overrides: [train.max_steps=200]  # applied to every run
+  variants:                    # optional; each a list of overrides, or {config: FILE, overrides: [...]}
+    dense: []
+    top2: {config: ../debug/moe_top2.yaml}
+  grid: {moe.num_experts: [4, 8]}        # cartesian product
+  zip: {optim.lr: [1e-3, 3e-3], optim.warmup_steps: [10, 20]}   # taken together, position by position
+  seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
+Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
+component; no seed suffix without `seeds`), and every run's config is built and validated when the sweep is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megamoe.config import Config, load_config
+from megamoe.errors import ConfigError
+
+SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a sweep."""
+
+    name: str
+    variant: str
+    config: str | None
+    overrides: tuple[str, ...]
+    seed: int
+    run_dir: Path
+    cfg: Config
+
+    @property
+    def args(self) -> list[str]:
+        """`megamoe train` arguments for a fresh start."""
+        return [*([self.config] if self.config else []), *self.overrides]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file."""
+
+    name: str
+    path: Path
+    root: Path
+    runs: tuple[Run, ...]
+
+
+def _err(path: Path, key: str, what: str) -> ConfigError:
+    return ConfigError(f"{path}: {key}", what)
+
+
+def _resolve(path: Path, config: str | None) -> str | None:
+    """A config path relative to the sweep file."""
+    return None if config is None else str((path.parent / config).resolve())
+
+
+def _variants(path: Path, spec: dict, base: str | None) -> dict[str, tuple[str | None, list[str]]]:
+    """name → (config file, overrides)."""
+    raw = spec.get("variants") or {"base": []}
+    if not isinstance(raw, dict):
+        raise _err(path, "variants", "must map variant names to override lists or {config, overrides}")
+    out = {}
+    for name, body in raw.items():
+        if isinstance(body, list):
+            out[str(name)] = (base, [str(o) for o in body])
+        elif isinstance(body, dict) and set(body) <= {"config", "overrides"}:
+            out[str(name)] = (_resolve(path, body.get("config")) or base, [str(o) for o in body.get("overrides", [])])
+        else:
+            raise _err(path, f"variants.{name}", "must be a list of key=value overrides or {config:, overrides:}")
+    return out
+
+
+def _axes(path: Path, spec: dict) -> list[list[tuple[str, object]]]:
+    """Every combination of the grid (cartesian) and the zipped lists, as [(key, value), ...]."""
+    grid, zipped = spec.get("grid") or {}, spec.get("zip") or {}
+    for field, table in (("grid", grid), ("zip", zipped)):
+        if not isinstance(table, dict) or any(not isinstance(v, list) or not v for v in table.values()):
+            raise _err(path, field, "must map config keys to non-empty lists of values")
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise _err(path, "zip", f"every list must have the same length, got {sorted(lengths)}")
+    zip_rows = [list(zip(zipped, vals, strict=True)) for vals in zip(*zipped.values(), strict=True)] or [[]]
+    grid_rows = [list(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())] or [[]]
+    return [g + z for g in grid_rows for z in zip_rows]
+
+
+def _config(path: Path, run_name: str, config: str | None, overrides: list[str]) -> Config:
+    """One run's config; an error names the sweep file and the run."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {run_name}: {err.key}", err.message) from None
+
+
+def _label(items: list[tuple[str, object]]) -> str:
+    return "".join(f"-{key.rsplit('.', 1)[-1]}={value}" for key, value in items)
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Parse, expand and validate a sweep file."""
+    if not path.is_file():
+        raise ConfigError("SWEEP", f"no sweep file {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise _err(path, sorted(unknown)[0], f"unknown sweep key; expected one of {sorted(SWEEP_KEYS)}")
+    name = str(spec.get("name") or path.stem)
+    root = Path(spec.get("out", "runs/sweeps")) / name
+    base = _resolve(path, spec.get("config"))
+    common = [str(o) for o in spec.get("overrides", [])]
+    runs = []
+    for variant, (config, extra) in _variants(path, spec, base).items():
+        for items in _axes(path, spec):
+            axis = [f"{k}={v}" for k, v in items]
+            for seed in spec.get("seeds") or [None]:
+                run_name = f"{variant}{_label(items)}" + (f"-seed{seed}" if seed is not None else "")
+                run_dir = root / run_name
+                seeded = [f"train.seed={seed}"] if seed is not None else []
+                overrides = (*common, *extra, *axis, *seeded, f"train.name={run_name}", f"train.run_dir={run_dir}")
+                cfg = _config(path, run_name, config, list(overrides))
+                runs.append(Run(run_name, variant, config, overrides, cfg.train.seed, run_dir, cfg))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise _err(path, "variants", "two runs would share a name; give variants distinct names")
+    return Sweep(name, path, root, tuple(runs))
