@@ -31,8 +31,11 @@ $(STAMP): setup.py pyproject.toml constraints/cpu.txt
 	$(PIP) $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	@touch $@
 
+# The main job: a tiny Lory model (8 experts, 64-token segments) on similarity-ordered documents.
+# MAIN= (empty) trains the dense default instead; ARGS adds key=value overrides.
+MAIN ?= configs/main_lory.yaml
 train: install
-	$(VENV)/bin/megamoe train $(ARGS)
+	$(VENV)/bin/megamoe train $(MAIN) $(ARGS)
 
 # pytest exits 5 when it collects nothing: that is a failure too (make exits non-zero on any rc).
 test: install

@@ -8,7 +8,9 @@ import pytest
 
 from megamoe.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "sweeps")
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 
 
 def test_there_are_configs():
@@ -19,6 +21,14 @@ def test_there_are_configs():
 def test_config_loads(path):
     cfg = load_config(path)
     assert cfg.train.name == path.stem
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_loads(path):
+    """Every run of a shipped sweep has a valid config."""
+    from megamoe.sweep.spec import load_sweep
+
+    assert load_sweep(path).runs
 
 
 def test_inheritance_in_shipped_configs():
