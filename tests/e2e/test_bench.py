@@ -1,0 +1,40 @@
+"""The GPU benchmark scripts run at tiny shapes on the CPU; peers that cannot run here are skipped cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)  # the Triton merge variant must report itself skipped on a CPU
+    res = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def table_rows(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")][1:]
+
+
+def test_gpu_models_tiny():
+    out = bench("bench.gpu_models", "--tiny", "--variants", "dense", "lory 8E (reference merge)",
+                "lory 8E (triton merge)", "top-2 8E dropless")  # fmt: skip
+    rows = {r[0]: r for r in table_rows(out)}
+    assert rows["dense"][4] == "1.00" and float(rows["top-2 8E dropless"][3].replace(",", "")) > 0
+    assert rows["lory 8E (triton merge)"][1].startswith("skipped: ConfigError: moe.merge_impl: triton needs a CUDA")
+    # equal active size: Lory merges to the dense FFN; top-2 experts are half as wide
+    assert rows["dense"][1] == rows["lory 8E (reference merge)"][1] == rows["top-2 8E dropless"][1]
+
+
+def test_peer_moe_layers_tiny():
+    rows = table_rows(bench("bench.peer_moe_layers", "--tiny"))
+    by = {(r[0], r[1]): r for r in rows}
+    assert by[("dropless", "megamoe")][4] == "1.00" and by[("capacity 1.25", "megamoe")][4] == "1.00"
+    assert by[("dropless", "megatron-core MoELayer")][2].startswith("skipped: RuntimeError: megatron-core's MoE router")
+    assert float(by[("dropless", "DeepSpeed-MoE")][2]) > 0  # DeepSpeed-MoE runs on the CPU
