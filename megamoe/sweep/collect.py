@@ -2,7 +2,8 @@
 
 Writes <sweep root>/results.csv (one row per finished run), results.md (one row per variant and
 grid point: mean ± sample std over seeds of the final validation loss and perplexity, tokens,
-tokens/s) and curves.png (mean eval loss and smoothed train loss against tokens, per group).
+and the mean over seeds of each run's median logged tokens/s)
+and curves.png (mean eval loss and smoothed train loss against tokens, per group).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def run_rows(sweep: Sweep) -> list[dict]:
         if not path.is_file():
             continue
         summary = json.loads(path.read_text())
+        speeds = [r["perf/tokens_per_s"] for r in read_metrics(run.run_dir) if "perf/tokens_per_s" in r]
         rows.append({
             "run": run.name, "group": group_of(run.name), "seed": run.seed, "step": summary["step"],
             "tokens": summary["tokens"], "eval_loss": summary["eval/loss"], "eval_ppl": summary["eval/ppl"],
-            "seconds": round(summary.get("seconds", float("nan")), 1),
+            "tokens_per_s": round(statistics.median(speeds)) if speeds else float("nan"),
         })  # fmt: skip
     return rows
 
@@ -56,7 +58,7 @@ def group_table(rows: list[dict]) -> list[dict]:
             "variant": name, "seeds": len(members), "tokens": members[0]["tokens"],
             "val loss": _mean_std([m["eval_loss"] for m in members]),
             "val ppl": _mean_std([m["eval_ppl"] for m in members]),
-            "tokens/s": f"{statistics.fmean(m['tokens'] / m['seconds'] for m in members):,.0f}",
+            "tokens/s (median)": f"{statistics.fmean(m['tokens_per_s'] for m in members):,.0f}",
         })  # fmt: skip
     return out
 
