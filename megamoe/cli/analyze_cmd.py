@@ -41,7 +41,7 @@ def checkpoints(run_dir: Path, wanted: list[str]) -> list[Path]:
 
 
 def analysis_data(run_dir: Path, cfg, data_path: str | None):
-    """(prepared data, split name, description): the run's val split, or --data tokenized with the run's tokenizer."""
+    """(prepared data, split, description): the run's val split, or --data tokenized with the run's tokenizer."""
     import dataclasses
 
     from megamoe.data import prepare_data
@@ -58,7 +58,8 @@ def analysis_data(run_dir: Path, cfg, data_path: str | None):
         exclude_domains=[],
         domain_field="",
     )
-    return prepare_data(data_cfg, progress=False), "val", f"the validation split of {data_path}"
+    # the model never saw these documents: analyse the larger (train) split of their preparation
+    return prepare_data(data_cfg, progress=False), "train", f"{data_path} (95% of its documents)"
 
 
 def run(args: argparse.Namespace) -> int:

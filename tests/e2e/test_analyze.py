@@ -70,6 +70,17 @@ def test_analyze_token_choice_run(runs, tmp_path):
     assert {p.name for p in out.glob("routing_step_*.npz")} == {"routing_step_3.npz", "routing_step_6.npz"}
 
 
+def test_analyze_other_documents(runs, tmp_path):
+    """--data: documents the model never saw, tokenized with the run's tokenizer."""
+    docs = tmp_path / "other.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(30)))
+    res = cli("analyze", str(runs["top2"]), "--data", str(docs), "--min-count", "4", "--max-sequences", "6",
+              "--out", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "recorded step 6: 192 tokens" in res.stdout  # 6 sequences of 32
+    assert f"of {docs} (95% of its documents)" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_analyze_lory_run(runs, tmp_path):
     res = cli("analyze", str(runs["lory"]), "--min-count", "4", "--max-sequences", "8", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
