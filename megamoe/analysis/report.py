@@ -171,7 +171,12 @@ def _specialization(rep: Report, rec: Recording, layer: int, decode, min_count: 
         f"layer {layer}: by position",
         "specialization_position",
     )
-    top_Ek = specialization.top_tokens(dec_TE, rec.token_T, int(rec.token_T.max()) + 1)
+    _top_tokens(rep, dec_TE, rec.token_T, decode)
+
+
+def _top_tokens(rep: Report, dec_TE: np.ndarray, token_T: np.ndarray, decode) -> None:
+    """The ten tokens sent most often to each expert."""
+    top_Ek = specialization.top_tokens(dec_TE, token_T, int(token_T.max()) + 1)
     rep.add("Top-10 tokens per expert (raw counts):", "")
     rep.table(
         [{"expert": e, "tokens": " ".join(repr(decode(int(t))) for t in row)} for e, row in enumerate(top_Ek)],

@@ -1,5 +1,6 @@
 """Typed configuration: sections, YAML loading with inheritance, overrides, docs."""
 
+from megamoe.config.data_schema import DataConfig, SimilarityConfig
 from megamoe.config.loader import (
     build_config,
     config_to_dict,
@@ -10,13 +11,11 @@ from megamoe.config.loader import (
 )
 from megamoe.config.schema import (
     Config,
-    DataConfig,
     LoggingConfig,
     ModelConfig,
     MoEConfig,
     OptimConfig,
     ParallelConfig,
-    SimilarityConfig,
     TrainConfig,
     WandbConfig,
 )

@@ -1,7 +1,7 @@
 """The typed config tree: one dataclass per section, each field documented and checked.
 
 The defaults are the tiny dense model that `megamoe train` (no arguments) trains on the embedded
-corpus in a few minutes on 2 CPU cores.
+corpus in a few minutes on 2 CPU cores. The data sections live in data_schema.py.
 """
 
 from __future__ import annotations
@@ -9,27 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megamoe.errors import ConfigError
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    """Raise ConfigError(key, message) unless ok."""
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def _positive(obj: object, *names: str) -> None:
-    """Every named int/float field of obj is > 0."""
-    for name in names:
-        value = getattr(obj, name)
-        _check(value > 0, name, f"must be > 0, got {value}")
-
-
-def _non_negative(obj: object, *names: str) -> None:
-    """Every named int/float field of obj is >= 0."""
-    for name in names:
-        value = getattr(obj, name)
-        _check(value >= 0, name, f"must be >= 0, got {value}")
+from megamoe.config.checks import _check, _nested, _non_negative, _positive
+from megamoe.config.data_schema import DataConfig
 
 
 @dataclass(kw_only=True)
@@ -275,85 +256,6 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
-class SimilarityConfig:
-    """In-Context Pretraining ordering (Lory §3.2): embed documents, kNN with faiss, greedy path."""
-
-    embedder: str = "tfidf"
-    """tfidf = hashing TF-IDF + truncated SVD (no download); else a local sentence-transformers model folder."""
-    dim: int = 64
-    """tfidf embedder: SVD dimensions."""
-    hash_features: int = 2**18
-    """tfidf embedder: hashed vocabulary size."""
-    fit_documents: int = 50_000
-    """tfidf embedder: documents (a seeded sample) that fit the IDF weights and the SVD."""
-    batch_size: int = 4096
-    """Documents embedded (and queries searched) per batch."""
-    k: int = 10
-    """Nearest neighbors per document (excluding itself); capped at documents − 1."""
-    index: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
-    """faiss index: exact inner product (flat), IVF or IVF-PQ; auto = flat up to exact_max_documents, else ivf."""
-    exact_max_documents: int = 100_000
-    """index: auto uses the exact index up to this many documents."""
-    nlist: int = 0
-    """IVF lists; 0 = 4·√N, at most N/39 (faiss wants ≥ 39 training points per list)."""
-    nprobe: int = 16
-    """IVF lists searched per query."""
-    pq_m: int = 16
-    """IVF-PQ: sub-quantizers (must divide the embedding dimension), 8 bits each."""
-    dedup_threshold: float = 0.0
-    """Drop a document whose cosine similarity to an earlier kept neighbor is ≥ this; 0 = keep all."""
-
-    def validate(self) -> None:
-        """Check ranges."""
-        _positive(self, "dim", "hash_features", "fit_documents", "batch_size", "k", "exact_max_documents")
-        _positive(self, "nprobe", "pq_m")
-        _non_negative(self, "nlist")
-        _check(bool(self.embedder), "embedder", "must be 'tfidf' or a local sentence-transformers model folder")
-        _check(0.0 <= self.dedup_threshold <= 1.0, "dedup_threshold", f"must be in [0, 1], got {self.dedup_threshold}")
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """Where documents come from and how they become packed token sequences."""
-
-    path: str = ""
-    """Corpus: '' = the embedded corpus (Python stdlib sources); else a file, glob or saved dataset dir."""
-    format: Literal["auto", "jsonl", "json", "parquet", "text", "arrow"] = "auto"
-    """File format of data.path; auto = from the file extension (a directory = a saved dataset)."""
-    text_field: str = "text"
-    """Column holding each document's text (jsonl/json/parquet/arrow)."""
-    domain_field: str = ""
-    """Column holding each document's domain tag; '' = the file name's stem."""
-    tokenizer: str = ""
-    """'' = train a byte-level BPE on the training documents; else the path of a tokenizer.json."""
-    vocab_size: int = 4096
-    """Vocabulary size of the trained BPE (unused with data.tokenizer)."""
-    val_fraction: float = 0.05
-    """Fraction of documents held out for validation (split by document)."""
-    order: Literal["random", "similarity"] = "random"
-    """Training documents' order before packing: a seeded shuffle, or a greedy path through their kNN graph."""
-    seed: int = 1234
-    """Seed of the document split, order and subsampling."""
-    max_documents: int = 0
-    """Use at most this many documents (a seeded sample); 0 = all."""
-    exclude_domains: list[str] = field(default_factory=list)
-    """Domains to leave out (e.g. ['test'] for the embedded corpus)."""
-    cache_dir: str = ".cache/megamoe"
-    """Folder for tokenizers and packed token files, keyed by a hash of inputs and settings."""
-    similarity: SimilarityConfig = field(default_factory=lambda: SimilarityConfig())
-    """Similarity ordering (data.order: similarity): embedder, kNN index, traversal, dedup."""
-
-    def validate(self) -> None:
-        """Check ranges."""
-        _nested(self.similarity, "similarity")
-        _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        _check(self.vocab_size >= 260, "vocab_size", f"must be >= 260 (256 bytes + specials), got {self.vocab_size}")
-        _non_negative(self, "max_documents")
-        _check(bool(self.text_field), "text_field", "must not be empty")
-        _check(bool(self.cache_dir), "cache_dir", "must not be empty")
-
-
-@dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with linear warm-up and a decay schedule."""
 
@@ -465,14 +367,6 @@ class LoggingConfig:
         _positive(self, "log_interval")
         _non_negative(self, "peak_tflops")
         _nested(self.wandb, "wandb")
-
-
-def _nested(section: object, prefix: str) -> None:
-    """Validate a section, prefixing the failing key with the section's name."""
-    try:
-        section.validate()  # type: ignore[attr-defined]
-    except ConfigError as err:
-        raise err.within(prefix) from None
 
 
 @dataclass(kw_only=True)
