@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from megamoe.data import PackedSplit
+from megamoe.model.moe.lory import token_weights
 
 
 @dataclass
@@ -95,8 +96,7 @@ def _layer_arrays(moe, length: int) -> dict[str, np.ndarray]:
     """One MoE layer's arrays for one batch, tokens sequence-major (B·L)."""
     if moe.segment_weights is not None:  # Lory: (N, B, E) segment weights
         w_NBE = moe.segment_weights.float().cpu()
-        seg = -(-length // w_NBE.shape[0])
-        w_BLE = w_NBE.index_select(0, torch.arange(length) // seg).transpose(0, 1)
+        w_BLE = token_weights(w_NBE, length)
         return {"weight_TE": w_BLE.reshape(-1, w_NBE.shape[2]).numpy(), "segment_SE": _flat(w_NBE)}
     out = {}
     for name, value in (moe.record or {}).items():

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from megamoe.analysis.report import write_report
     from megamoe.data.tokenizer import load_tokenizer
     from megamoe.errors import MegamoeError
-    from megamoe.train.evaluate import eval_indices
+    from megamoe.train.evaluate import spread_batches
     from megamoe.train.export import load_run_model
     from megamoe.train.run import TOKENIZER_FILE, load_run_config
 
@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     data, split_name, source = analysis_data(args.run_dir, cfg, args.data)
     split = data.split(split_name)
     seq_len = cfg.model.seq_len
-    ids = eval_indices(split, seq_len, max(args.max_sequences, 1), 1)[0]
-    batches = [ids[i : i + 8] for i in range(0, len(ids), 8)]
+    batches = spread_batches(split, seq_len, max(args.max_sequences, 1), 8)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recordings = []
     for path in checkpoints(args.run_dir, args.checkpoints):

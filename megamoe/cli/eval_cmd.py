@@ -22,7 +22,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None, max_sequences: int, bat
     import torch
 
     from megamoe.data import prepare_data
-    from megamoe.train.evaluate import eval_indices, eval_sums
+    from megamoe.train.evaluate import eval_sums, spread_batches
     from megamoe.train.export import load_run_model
     from megamoe.train.run import load_run_config
 
@@ -32,8 +32,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None, max_sequences: int, bat
     split, seq_len = data.split("val"), cfg.model.seq_len
     available = split.num_sequences(seq_len)
     wanted = min(available, max_sequences or available)
-    ids = eval_indices(split, seq_len, wanted, 1)[0]  # evenly spread, as the trainer's evaluation picks them
-    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    batches = spread_batches(split, seq_len, wanted, batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sums = eval_sums(model.to(device), split, [(b, 1.0) for b in batches], seq_len, len(data.domains), device)
     rows = [_row("all", sums.loss_D.sum(), sums.count_D.sum())]

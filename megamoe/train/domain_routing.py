@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megamoe.model.moe import MoELayerOutput
+from megamoe.model.moe.lory import token_weights
 
 
 def add_domain_routing(
@@ -21,9 +22,7 @@ def add_domain_routing(
     layers = [out.segment_weights for _, out in sorted(moe.items()) if out.segment_weights is not None]
     batch, length = domains_BL.shape
     for k, w_NBE in enumerate(layers):
-        seg = -(-length // w_NBE.shape[0])
-        segment_L = torch.arange(length, device=w_NBE.device) // seg
-        w_BLE = w_NBE.index_select(0, segment_L).transpose(0, 1).double().cpu()
+        w_BLE = token_weights(w_NBE, length).double().cpu()
         sums_KDE[k].index_add_(0, domains_BL.flatten().cpu(), weight * w_BLE.reshape(batch * length, -1))
     return sums_KDE
 

@@ -32,6 +32,12 @@ def eval_indices(split: PackedSplit, seq_len: int, batch_size: int, num_batches:
     return [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
 
 
+def spread_batches(split: PackedSplit, seq_len: int, count: int, batch_size: int) -> list[np.ndarray]:
+    """count val sequences evenly spread (the trainer's choice for the same count), in batches of batch_size."""
+    ids = eval_indices(split, seq_len, count, 1)[0]
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
 @dataclass
 class EvalSums:
     """Per-domain sums of one evaluation (float64, CPU), to be summed over the data-parallel ranks."""

@@ -94,6 +94,13 @@ def segment_counts(length: int, seg: int, device: torch.device) -> torch.Tensor:
     return (length - torch.arange(n, device=device) * seg).clamp(max=seg)
 
 
+def token_weights(w_NBE: torch.Tensor, length: int) -> torch.Tensor:
+    """Each token's routing weights (B, L, E): its segment's row of the (N, B, E) segment weights."""
+    seg = -(-length // w_NBE.shape[0])
+    segment_L = torch.arange(length, device=w_NBE.device) // seg
+    return w_NBE.index_select(0, segment_L).transpose(0, 1)
+
+
 def fp32_softmax(logits_XE: torch.Tensor) -> torch.Tensor:
     """Softmax over experts in at least fp32."""
     return logits_XE.to(torch.promote_types(logits_XE.dtype, torch.float32)).softmax(-1)
