@@ -37,8 +37,8 @@ def tiny_config(cache_dir: Path, run_dir: Path | None = None, *extra: str) -> Co
     return load_config(None, [*overrides, *extra])
 
 
-def single_process_trainer(cfg: Config, resume: bool = False):
-    """A Trainer for cfg in this process (the single-process reference layout)."""
+def single_process_trainer(cfg: Config, resume: bool = False, checkpoint: Path | None = None):
+    """A Trainer for cfg in this process (the single-process reference layout), optionally from a checkpoint."""
     import torch
 
     from megamoe.parallel.groups import local_groups
@@ -47,4 +47,4 @@ def single_process_trainer(cfg: Config, resume: bool = False):
     from megamoe.train.trainer import Trainer
 
     groups = local_groups(resolve_layout(cfg, 1), torch.device("cpu"))
-    return Trainer(setup_run(cfg, resume=resume, progress=False), groups)
+    return Trainer(setup_run(cfg, resume=resume, progress=False, checkpoint=checkpoint), groups)

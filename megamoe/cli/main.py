@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -58,8 +59,21 @@ def setup_logging() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""OSErrors that mean the disk (or a quota, or a file-size limit) is full: the user's to fix."""
+
+
+def report(err: MegamoeError) -> int:
+    """Print a user error as one line (once per run under torchrun); returns its exit status."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or not err.same_on_every_rank:
+        where = f" (rank {rank})" if rank else ""
+        print(f"megamoe: error{where}: {err}", file=sys.stderr)
+    return err.exit_status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; user errors print one line and exit 2."""
+    """Run one subcommand; user errors print one line and exit 2 (3: training stopped on non-finite values)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["--help"]
@@ -74,5 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MegamoeError as err:
-        print(f"megamoe: error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
+    except OSError as err:
+        if err.errno not in FULL_DISK:
+            raise
+        where = err.filename or "a file"
+        return report(MegamoeError(f"{where}: {err.strerror}; free space (or raise the limit) and rerun"))

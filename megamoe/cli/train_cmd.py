@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from megamoe.errors import CheckpointError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     p = sub.add_parser("train", help="train a model (no arguments: the tiny default on the embedded corpus)")
     p.add_argument("args", nargs="*", metavar="CONFIG|RUN_DIR|key=value", help="a YAML file or run dir, and overrides")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in train.run_dir")
+    p.add_argument(
+        "--resume-from", metavar="CHECKPOINT", default=None,
+        help="continue from this checkpoint folder (this run's later checkpoints are set aside)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: validate the layout for N ranks")
     p.set_defaults(func=run)
@@ -58,27 +65,32 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(cfg, args.world_size or world)
     layout = resolve_layout(cfg, world)
-    return _train(cfg, layout, args.resume)
+    checkpoint = Path(args.resume_from) if args.resume_from else None
+    if checkpoint is not None and not (checkpoint / "meta.json").is_file():
+        raise CheckpointError(f"--resume-from: {checkpoint} is not a checkpoint folder (no meta.json)")
+    return _train(cfg, layout, args.resume, checkpoint)
 
 
-def _train(cfg, layout, resume: bool) -> int:
-    """Set up the process groups, train, tear them down."""
+def _train(cfg, layout, resume: bool, checkpoint: Path | None) -> int:
+    """Set up the process groups, train, tear them down (a preemption notice counts from here on)."""
     from megamoe.parallel.groups import destroy_groups, init_groups, local_groups
+    from megamoe.train.preempt import PreemptionFlag
     from megamoe.train.run import setup_run
     from megamoe.train.trainer import Trainer, pick_device
 
-    if layout.world > 1:
-        groups = init_groups(layout, cfg.parallel.timeout_s, cfg.train.seed)
-        if not groups.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
-    else:
-        groups = local_groups(layout, pick_device(cfg.train.device))
-    try:
-        setup = setup_run(cfg, resume=resume, progress=cfg.logging.progress and groups.is_main)
-        summary = Trainer(setup, groups).fit()
-    finally:
+    with PreemptionFlag() as preempt:
         if layout.world > 1:
-            destroy_groups()
+            groups = init_groups(layout, cfg.parallel.timeout_s, cfg.train.seed)
+            if not groups.is_main:
+                logging.getLogger().setLevel(logging.WARNING)
+        else:
+            groups = local_groups(layout, pick_device(cfg.train.device))
+        try:
+            setup = setup_run(cfg, resume, cfg.logging.progress and groups.is_main, checkpoint)
+            summary = Trainer(setup, groups).fit(preempt)
+        finally:
+            if layout.world > 1:
+                destroy_groups()
     if groups.is_main:
         _print_summary(summary)
     return 0

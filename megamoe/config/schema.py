@@ -309,6 +309,8 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints; older ones are deleted."""
+    max_nonfinite_steps: int = 0
+    """Skip up to this many consecutive updates with a non-finite loss or gradient norm; 0 = stop at the first."""
     seed: int = 1234
     """Seed of model initialization and data sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -323,7 +325,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Check ranges and batch divisibility."""
         _positive(self, "max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_checkpoints")
-        _non_negative(self, "eval_interval", "checkpoint_interval")
+        _non_negative(self, "eval_interval", "checkpoint_interval", "max_nonfinite_steps")
         _check(
             self.global_batch_size % self.micro_batch_size == 0,
             "global_batch_size",

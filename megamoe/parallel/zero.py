@@ -30,6 +30,7 @@ from deepspeed.utils import (
 )
 from torch import nn
 
+from megamoe.parallel.extensions import ensure_deepspeed_ops
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.utils.state import OPTIM_KEYS
 
@@ -174,6 +175,7 @@ class ZeroEngine:
         self._norm = math.nan
         register_expert_groups(groups)
         _mark_experts(model, groups)
+        ensure_deepspeed_ops()
         ds_comm.init_distributed(
             dist_backend=ds_comm.get_accelerator().communication_backend_name(), dist_init_required=False
         )
@@ -196,14 +198,22 @@ class ZeroEngine:
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's mean loss (DeepSpeed scales by 1/accumulation and reduces at the boundary)."""
+        """Backward of one micro-batch's mean loss (DeepSpeed scales by 1/accumulation and reduces at the boundary).
+
+        A non-finite global norm skips the update: DeepSpeed's ZeRO and bf16 optimizers do it themselves
+        (and report the norm as inf); without them the gradients are dropped before the step, so the
+        torch optimizer leaves every parameter, moment and step count as it was.
+        """
         self.engine.backward(loss)
         if self._clip is not None and self.engine.is_gradient_accumulation_boundary():
             self._norm = clip_reduced_grads(self.model, self.groups, self._clip)
+            if not math.isfinite(self._norm):
+                for param in self.model.parameters():
+                    param.grad = None
         self.engine.step()  # a no-op except at the accumulation boundary
 
     def step(self) -> float:
-        """The optimizer step already ran at the boundary; return its pre-clip gradient norm."""
+        """The optimizer step already ran (or was skipped) at the boundary; return its pre-clip gradient norm."""
         if self._clip is not None:
             return self._norm
         norm = self.engine.get_global_grad_norm()

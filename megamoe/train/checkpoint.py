@@ -9,26 +9,35 @@ its parameter is, so DCP writes each slice once and a later run at any other lay
 process) reads back exactly the slices it holds. The optimizer moments are saved unpartitioned
 (ZeRO partitions gathered), so they reshard the same way.
 
-A checkpoint is written into a hidden temp folder and renamed by rank 0 once every rank's shards
-are in, so a crash or preemption mid-save never corrupts the newest good one. `latest_checkpoint`
-ignores anything without meta.json. Loading never unpickles arbitrary objects: tensors are read
-with weights_only=True, and DCP's .metadata file with an allowlisting unpickler.
+A checkpoint is written into a hidden temp folder (`.step_N.tmp-save`) and renamed by rank 0 once
+every rank's shards are in and fsynced, so a kill, a full disk or a preemption mid-save never
+corrupts the newest good one; the next save removes what a killed writer left. Old checkpoints are
+pruned by renaming them to a hidden temp name first, so a kill mid-prune leaves no half-deleted
+checkpoint under a `step_N` name. Weights that are not finite are never saved.
+`latest_checkpoint` ignores anything without meta.json; resuming picks the newest *valid* one
+(`resume_candidates`, `problem`): a truncated or unreadable checkpoint is set aside as
+`step_N.invalid` with a warning, kept for inspection. Loading never unpickles arbitrary objects:
+tensors are read with weights_only=True, and DCP's .metadata file with an allowlisting unpickler.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
+import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -36,12 +45,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from megamoe.errors import CheckpointError
-from megamoe.train.dist import barrier, from_main, is_main
+from megamoe.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
+from megamoe.train.dist import any_rank, barrier, from_main, gather, is_main
 from megamoe.utils.fs import atomic_write_json, remove_stale_temps
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 PREFIX = "step_"
+NAME = re.compile(r"step_\d{8}")
+"""A complete checkpoint's folder name; temp, pruned and set-aside folders never match it."""
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
@@ -63,11 +75,11 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (folders named step_N holding meta.json), oldest first."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob(f"{PREFIX}*") if (p / "meta.json").is_file())
+    return sorted(p for p in root.iterdir() if NAME.fullmatch(p.name) and (p / "meta.json").is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -113,6 +125,47 @@ def _state(model: nn.Module, model_part: dict, optim_part: dict, meshes: dict | 
     }
 
 
+def _crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_sums(folder: Path) -> dict[str, list[int]]:
+    """[size, crc32] of the files this rank wrote into a DCP folder (its `__<rank>_*` shards; rank 0: .metadata)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    names = [p.name for p in folder.glob(f"__{rank}_*")] + ([".metadata"] if rank == 0 else [])
+    return {name: [(folder / name).stat().st_size, _crc32(folder / name)] for name in names}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside path durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints; each is first renamed to a hidden temp name."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        doomed = old.parent / f".{old.name}.tmp-prune"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _check_finite(model: nn.Module, step: int) -> None:
+    """Refuse (on every rank) to checkpoint weights that are not all finite."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if any_rank(bool(bad)):
+        where = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} on this rank)" if bad else ""
+        raise NonFiniteError(f"step {step}: the weights are not finite{where}; no checkpoint was written")
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, engine: Engine, meta: dict, keep: int, meshes: dict | None = None
 ) -> Path:
@@ -121,21 +174,30 @@ def save_checkpoint(
     main = is_main()
     if from_main(final.exists()):
         return final
-    tmp = final.parent / f".{final.name}.tmp"
+    _check_finite(model, step)
+    tmp = final.parent / f".{final.name}.tmp-save"
     if main:
-        remove_stale_temps(final.parent)
+        remove_stale_temps(final.parent)  # what a killed save or prune left behind
         tmp.mkdir(parents=True)
     barrier()
     model_part = {name: p.detach() for name, p in model.named_parameters()}
     try:
-        with _quiet_dcp():
-            dcp.save(_state(model, model_part, engine.optimizer_state(), meshes), checkpoint_id=tmp)
-        barrier()
+        try:
+            with _quiet_dcp():
+                dcp.save(_state(model, model_part, engine.optimizer_state(), meshes), checkpoint_id=tmp)
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            newest = latest_checkpoint(run_dir)
+            raise CheckpointError(
+                f"{final}: could not write the checkpoint ({_describe(err)}); "
+                f"the newest complete checkpoint is {newest or 'none'}"
+            ) from None
+        files = {name: sums for part in gather(_file_sums(tmp)) for name, sums in part.items()}
         if main:
-            atomic_write_json(tmp / "meta.json", {**meta, "step": step, "format_version": FORMAT_VERSION})
+            record = {**meta, "step": step, "format_version": FORMAT_VERSION, "files": files}
+            atomic_write_json(tmp / "meta.json", record)
             os.rename(tmp, final)
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(final.parent)
+            _prune(run_dir, keep)
     finally:
         if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +210,7 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable megamoe checkpoint ({err})") from None
+        raise CorruptCheckpointError(f"{path}: not a readable megamoe checkpoint ({err})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta
@@ -233,8 +295,54 @@ def load_checkpoint(
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path))
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
-        raise CheckpointError(f"{path}: checkpoint is corrupt or incomplete ({_describe(err)})") from None
+        raise CorruptCheckpointError(f"{path}: checkpoint is corrupt or incomplete ({_describe(err)})") from None
     params = {name: _local(t) for name, t in state["model"].items()}
-    engine.load_state(params, {k: _local(v) for k, v in state["optim"].items()}, int(meta["step"]))
+    updates = int(meta.get("optimizer_steps", meta["step"]))  # fewer than steps when updates were skipped
+    engine.load_state(params, {k: _local(v) for k, v in state["optim"].items()}, updates)
     torch.set_rng_state(state["rng"]["cpu"])
     return meta
+
+
+def problem(path: Path) -> str | None:
+    """What makes a checkpoint unusable without loading it (unreadable meta or index, missing or short files)."""
+    try:
+        meta = read_meta(path)
+        metadata = SafeReader(path).read_metadata()
+    except (CheckpointError, OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    needed.update({name: size for name, (size, _) in meta.get("files", {}).items()})
+    for name, size in sorted(needed.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else -1
+        if have < size:
+            return f"{name} is missing" if have < 0 else f"{name} is truncated ({have} of {size} bytes)"
+    return None
+
+
+def checksum_problem(path: Path) -> str | None:
+    """A file whose CRC-32 differs from the one recorded at save time (collective: each rank reads a share)."""
+    files = sorted(read_meta(path).get("files", {}).items())
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = [name for name, (_, crc) in files[rank::world] if _crc32(path / name) != crc]
+    return next((f"{found[0]} fails its checksum" for found in gather(bad) if found), None)
+
+
+def set_aside(path: Path, why: str, kind: str = "invalid") -> Path:
+    """Rename a checkpoint that must not be resumed from to step_N.<kind>[-k] (kept, never loaded); returns it."""
+    target, k = path.with_name(f"{path.name}.{kind}"), 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.{kind}-{k}"), k + 1
+    os.rename(path, target)
+    log.warning("resume: skipping %s (%s); moved to %s, kept for inspection", path, why, target.name)
+    return target
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Complete checkpoints newest first, after setting aside the newest ones that fail `problem` (rank 0 only)."""
+    found = list_checkpoints(run_dir)[::-1]
+    while found and (why := problem(found[0])) is not None:
+        set_aside(found.pop(0), why)
+    return found

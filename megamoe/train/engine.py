@@ -44,11 +44,15 @@ class PlainEngine:
         (loss / self.micro_batches).backward()
 
     def step(self) -> float:
-        """Clip, step, zero the gradients; returns the pre-clip global gradient norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
+        """Clip, step, zero the gradients; returns the pre-clip global gradient norm.
+
+        A non-finite norm skips the update entirely (no moment or step-count change), as every engine does.
+        """
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+        if math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """exp_avg / exp_avg_sq of every parameter, by '<param name>.<key>'."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from megamoe.config import LoggingConfig
 from megamoe.errors import ConfigError
 from megamoe.utils.fs import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def _wandb_env(run_dir: Path) -> None:
@@ -92,16 +95,28 @@ class MetricSinks:
             self._tb.close()
 
 
+def _records(path: Path) -> list[dict]:
+    """The JSON records of a .jsonl file; a torn last line (the writer was killed mid-line) is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+            log.warning("%s: dropping its torn last line %d (its writer was killed mid-write)", path, number)
+    return records
+
+
 def _truncate_after(path: Path, step: int) -> None:
     """Drop records logged after `step` (a resumed run logs those steps again)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in _records(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every record of <run_dir>/metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path) if path.is_file() else []

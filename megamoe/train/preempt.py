@@ -1,7 +1,11 @@
-"""SIGTERM/SIGUSR1 (SLURM preemption): finish the step, save a checkpoint, exit cleanly."""
+"""Stop requests: SIGTERM/SIGUSR1 (SLURM preemption), or the death of the launcher (torchrun).
+
+On any of them the ranks finish the current step, agree, save a checkpoint and exit cleanly.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
@@ -9,18 +13,26 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionFlag:
-    """Context manager that records a preemption signal instead of dying on it."""
+    """Context manager that records a preemption signal instead of dying on it.
+
+    Under torchrun it also watches the launcher: a rank whose parent process has gone (a launcher
+    killed with SIGKILL cannot forward anything) stops at the next step boundary like a signalled
+    one, instead of training on as an orphan beside a restarted run.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
     @property
     def raised(self) -> bool:
-        """A preemption signal arrived."""
+        """A preemption signal arrived, or the launcher died."""
+        if self.signal_name is None and self._parent is not None and os.getppid() != self._parent:
+            self.signal_name = f"the death of the launcher (pid {self._parent})"
         return self.signal_name is not None
 
     def __enter__(self) -> PreemptionFlag:

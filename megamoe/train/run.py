@@ -11,9 +11,9 @@ from pathlib import Path
 from megamoe.config import Config, load_config, save_config
 from megamoe.config.resolve import with_vocab
 from megamoe.data import PreparedData, prepare_data
-from megamoe.errors import MegamoeError
-from megamoe.train.checkpoint import latest_checkpoint
-from megamoe.train.dist import barrier, from_main, is_main
+from megamoe.errors import CheckpointError, MegamoeError
+from megamoe.train.checkpoint import checkpoints_root, latest_checkpoint, resume_candidates, set_aside, step_dir
+from megamoe.train.dist import barrier, from_main, is_main, on_main
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -27,7 +27,10 @@ class RunSetup:
     cfg: Config
     run_dir: Path
     data: PreparedData
-    resume_from: Path | None
+    resume_from: list[Path]
+    """Checkpoints to try, newest first (empty: a fresh start)."""
+    resume_explicit: bool = False
+    """The user named the checkpoint (--resume-from): a corrupt one is an error, not skipped."""
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -52,22 +55,46 @@ def choose_run_dir(cfg: Config) -> Path:
 
 
 def _prepare_once(cfg: Config, progress: bool) -> PreparedData:
-    """Rank 0 prepares the data; the other ranks wait, then reuse its cache."""
-    data = prepare_data(cfg.data, progress=progress) if is_main() else None
-    barrier()
+    """Rank 0 prepares the data (its error stops every rank); the other ranks then reuse its cache."""
+    data = on_main(lambda: prepare_data(cfg.data, progress=progress))
     return data or prepare_data(cfg.data, progress=False)
 
 
-def setup_run(cfg: Config, resume: bool, progress: bool = True) -> RunSetup:
-    """Pick the run dir, check resume/overwrite, prepare data, save the resolved config (rank 0)."""
+def _explicit(run_dir: Path, path: Path) -> list[Path]:
+    """--resume-from PATH: that checkpoint; this run's later ones are set aside (rank 0)."""
+    from megamoe.train.checkpoint import list_checkpoints, read_meta
+
+    step = int(read_meta(path)["step"])
+    for later in list_checkpoints(run_dir):
+        if later.resolve() != path.resolve() and later.resolve() > step_dir(run_dir, step).resolve():
+            set_aside(later, f"newer than --resume-from {path}", "superseded")
+    return [path]
+
+
+def _resume_from(run_dir: Path, resume: bool, checkpoint: Path | None) -> list[Path]:
+    """The checkpoints to try on rank 0, or a clear error when resuming finds none."""
+    if checkpoint is not None:
+        return _explicit(run_dir, checkpoint)
+    if not resume:
+        if latest_checkpoint(run_dir) is not None:
+            raise MegamoeError(
+                f"train.run_dir: {run_dir} already holds checkpoints; pass --resume or choose another run dir"
+            )
+        return []
+    found = resume_candidates(run_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoints_root(run_dir)}")
+    return found
+
+
+def setup_run(cfg: Config, resume: bool, progress: bool = True, checkpoint: Path | None = None) -> RunSetup:
+    """Pick the run dir, choose the checkpoint(s) to resume from, prepare data, save the config (rank 0).
+
+    checkpoint: a checkpoint the user named (--resume-from); otherwise --resume tries the newest valid one.
+    """
     run_dir = Path(str(from_main(str(choose_run_dir(cfg)))))
-    resume_from = latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        raise MegamoeError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise MegamoeError(
-            f"train.run_dir: {run_dir} already holds checkpoints; pass --resume or choose another run dir"
-        )
+    found = on_main(lambda: [str(p) for p in _resume_from(run_dir, resume, checkpoint)])
+    resume_from = [Path(p) for p in from_main(found)]
     data = _prepare_once(cfg, progress)
     cfg = with_vocab(cfg, data.vocab_size, str(data.tokenizer_path))
     cfg.train.run_dir = str(run_dir)
@@ -77,4 +104,4 @@ def setup_run(cfg: Config, resume: bool, progress: bool = True) -> RunSetup:
         save_config(cfg, run_dir / CONFIG_FILE)
         shutil.copyfile(data.tokenizer_path, run_dir / TOKENIZER_FILE)
     barrier()
-    return RunSetup(cfg, run_dir, data, resume_from)
+    return RunSetup(cfg, run_dir, data, resume_from, checkpoint is not None)

@@ -9,6 +9,7 @@ differs between layouts sits behind ParallelGroups, the layer factory and the en
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -18,13 +19,13 @@ from tqdm.auto import tqdm
 
 from megamoe.config import Config, config_to_dict
 from megamoe.data import PackedSplit, SequenceSampler
-from megamoe.errors import DataError
+from megamoe.errors import CheckpointError, CorruptCheckpointError, DataError, NonFiniteError
 from megamoe.model import LayerFactory, build_model
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.params import count_parameters, flops_per_token, meta_counts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
-from megamoe.train.dist import any_rank, mean_over, sum_over
+from megamoe.train.dist import any_rank, barrier, is_main, mean_over, sum_over
 from megamoe.train.domain_routing import domain_routing_metrics
 from megamoe.train.engine import PlainEngine
 from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, lory_layers, rank_share
@@ -66,8 +67,12 @@ class Trainer:
         self.train_split, self.val_split = self._splits()
         self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)
         self.step = 0
-        if setup.resume_from is not None:
-            self._resume(setup.resume_from)
+        self.updates = 0
+        """Optimizer updates applied (steps minus skipped non-finite ones): Adam's bias-correction count."""
+        self.bad_in_a_row = 0
+        self.last_loss = float("nan")
+        if setup.resume_from:
+            self._resume(setup.resume_from, setup.resume_explicit)
         self.domain_routing: dict | None = None
         """The last evaluation's per-domain routing weights per Lory layer."""
         self.dense_steps = warmup_steps(self.cfg)
@@ -110,14 +115,35 @@ class Trainer:
                 )
         return splits
 
-    def _resume(self, path: Path) -> None:
-        """Continue from a checkpoint (of any layout): weights, optimizer, RNG and step."""
-        meta = ckpt.load_checkpoint(path, self.model, self.engine, ckpt.architecture(self.cfg), self.groups.meshes)
+    def _resume(self, candidates: list[Path], explicit: bool) -> None:
+        """Continue from the newest loadable checkpoint (of any layout): weights, optimizer, RNG and step.
+
+        A candidate that turns out corrupt while loading is set aside and the next older one tried,
+        unless the user named it (--resume-from): then its error stops the run.
+        """
+        for path in candidates:
+            try:
+                if why := ckpt.checksum_problem(path):
+                    raise CorruptCheckpointError(f"{path}: checkpoint is corrupt ({why})")
+                meta = ckpt.load_checkpoint(
+                    path, self.model, self.engine, ckpt.architecture(self.cfg), self.groups.meshes
+                )
+            except CorruptCheckpointError as err:
+                if explicit:
+                    raise
+                if is_main():
+                    ckpt.set_aside(path, str(err).removeprefix(f"{path}: "))
+                barrier()
+                continue
+            break
+        else:
+            raise CheckpointError(f"--resume: no loadable checkpoint in {ckpt.checkpoints_root(self.run_dir)}")
         if meta.get("data_key") != self.data.manifest["key"]:
             log.warning(
                 "resume: the data cache key changed (%s -> %s)", meta.get("data_key"), self.data.manifest["key"]
             )
         self.step = int(meta["step"])
+        self.updates = int(meta.get("optimizer_steps", self.step))
         log.info("resumed from %s (written at %s) at step %d", path, meta.get("layout"), self.step)
 
     @property
@@ -151,13 +177,41 @@ class Trainer:
         grad_norm = self.engine.step()
         self.step += 1
         loss = mean_over(loss_sum / len(micro), dp).item()
+        self._check_finite(loss, grad_norm)
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
         return metrics | (moe.reduce() if moe is not None else {})
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Count the update, or the skipped non-finite one; stop after train.max_nonfinite_steps in a row.
+
+        Every engine skips the update when the global gradient norm is not finite (the norm is the
+        same on every rank); the ranks then agree on the verdict.
+        """
+        if not any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm))):
+            self.updates, self.bad_in_a_row, self.last_loss = self.updates + 1, 0, loss
+            return
+        self.bad_in_a_row += 1
+        named = {"loss": loss, "gradient norm": grad_norm}
+        bad = [f"{name} {value}" for name, value in named.items() if not math.isfinite(value)]
+        what = f"step {self.step}: non-finite {' and '.join(bad) or 'loss or gradient norm on another rank'}"
+        if math.isfinite(grad_norm):  # a non-finite loss whose gradient was finite: the update was applied
+            raise NonFiniteError(f"{what}, and the update was applied; no checkpoint was written after it")
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.bad_in_a_row <= limit:
+            log.warning("%s: update skipped (%d of at most %d in a row)", what, self.bad_in_a_row, limit)
+            return
+        self.step -= 1  # the weights are still those after the last good update
+        path = self.save(self.last_loss)
+        raise NonFiniteError(
+            f"{what}: update skipped, training stopped ({self.bad_in_a_row} in a row; "
+            f"train.max_nonfinite_steps={limit}); the newest good checkpoint is {path} "
+            "(resume from it with a lower optim.lr, or set train.max_nonfinite_steps to skip bad steps)"
+        )
 
     def _dense_warmup(self) -> None:
         """Lory: dense until step W, upcycled at the start of step W (megamoe.train.upcycle)."""
         if self.dense_steps > 0 and self.step == self.dense_steps:
-            upcycle(self.model, self.engine, self.cfg, self.step)
+            upcycle(self.model, self.engine, self.cfg, self.updates)
             log.info("step %d: dense warm-up done; every expert is now a copy of the dense FFN", self.step)
         self.model.set_dense_phase(self.step < self.dense_steps)
 
@@ -186,6 +240,7 @@ class Trainer:
             "data_key": self.data.manifest["key"],
             "tokens": self.step * self.tokens_per_step,
             "train_loss": last_loss,
+            "optimizer_steps": self.updates,
             "layout": self.groups.layout.describe(),
         }
         keep = self.cfg.train.keep_checkpoints
@@ -204,8 +259,11 @@ class Trainer:
             out["perf/mfu"] = per_device / self.peak
         return out
 
-    def fit(self) -> dict:
-        """Train to train.max_steps (or until preempted); returns the run summary."""
+    def fit(self, preempt: PreemptionFlag | None = None) -> dict:
+        """Train to train.max_steps (or until preempted); returns the run summary.
+
+        preempt: a flag installed before the run was set up (so a notice during start-up counts).
+        """
         main = self.groups.is_main
         sinks = (
             MetricSinks(self.cfg.logging, self.run_dir, config_to_dict(self.cfg), self.step or None) if main else None
@@ -217,7 +275,10 @@ class Trainer:
         )  # fmt: skip
         started = time.perf_counter()
         try:
-            with PreemptionFlag() as preempt:
+            if preempt is None:
+                with PreemptionFlag() as own:
+                    last_eval, loss, stopped = self._loop(sinks, bar, own)
+            else:
                 last_eval, loss, stopped = self._loop(sinks, bar, preempt)
         finally:
             bar.close()

@@ -50,8 +50,11 @@ def _split_names(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def upcycle(model: nn.Module, engine, cfg: Config, step: int) -> None:
-    """Experts ← expert 0 (weights and moments); routers ← fresh init, zero moments. Collective-free."""
+def upcycle(model: nn.Module, engine, cfg: Config, updates: int) -> None:
+    """Experts ← expert 0 (weights and moments); routers ← fresh init, zero moments. Collective-free.
+
+    updates: optimizer updates applied so far (Adam's step count, kept as it is).
+    """
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     state = engine.optimizer_state()
     experts, routers = _split_names(model)
@@ -64,4 +67,4 @@ def upcycle(model: nn.Module, engine, cfg: Config, step: int) -> None:
         params[name] = fresh.to(params[name])
         for key in OPTIM_KEYS:
             state[f"{name}.{key}"].zero_()
-    engine.load_state(params, state, step)
+    engine.load_state(params, state, updates)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import megamoe.train.checkpoint as ckpt
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.train.metrics import read_metrics
 from megamoe.train.trainer import Trainer
+from tests.distributed.parity import read_state
 from tests.util import TINY, single_process_trainer, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,33 +95,56 @@ def test_preemption_saves_and_resumes(data_cache, tiny_data, tmp_path, monkeypat
     assert losses(run) == losses(straight)
 
 
-def test_crash_during_save_keeps_last_good_checkpoint(data_cache, tiny_data, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    train(data_cache, run, "train.max_steps=3")
-
-    def broken_save(state, checkpoint_id):
-        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ckpt.dcp, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        train(data_cache, run, "train.max_steps=4", resume=True)
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000003"]
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "temp dir removed"
-    monkeypatch.undo()
-    assert train(data_cache, run, "train.max_steps=4", resume=True)["step"] == 4
-
-
-def test_corrupt_checkpoint_is_a_clear_error(data_cache, tiny_data, tmp_path):
-    run = tmp_path / "run"
-    train(data_cache, run, "train.max_steps=3")
-    latest = ckpt.latest_checkpoint(run)
-    shard = next(latest.glob("*.distcp"))
+def test_corrupt_newest_checkpoint_is_skipped(data_cache, tiny_data, tmp_path, caplog):
+    """A truncated newest checkpoint is set aside (kept, renamed) with a warning; resume uses the one before."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(data_cache, straight, "train.checkpoint_interval=1", "train.keep_checkpoints=3")
+    train(data_cache, run, "train.checkpoint_interval=1", "train.keep_checkpoints=3", "train.max_steps=4")
+    newest = ckpt.latest_checkpoint(run)
+    shard = next(newest.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    before = sorted(p.name for p in latest.iterdir())
-    with pytest.raises(CheckpointError, match=r"step_00000003: checkpoint is corrupt or incomplete"):
+    resumed = train(data_cache, run, "train.checkpoint_interval=1", "train.keep_checkpoints=3", resume=True)
+    assert "resume: skipping" in caplog.text and "step_00000004" in caplog.text and "truncated" in caplog.text
+    assert (run / "checkpoints" / "step_00000004.invalid" / shard.name).stat().st_size == 100, "kept, renamed"
+    assert resumed["step"] == 6 and losses(run) == losses(straight)
+
+
+def test_garbage_metadata_is_skipped_but_a_named_checkpoint_is_an_error(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.checkpoint_interval=1", "train.max_steps=3")
+    named = run / "checkpoints" / "step_00000003"
+    (named / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match=r"step_00000003: checkpoint is corrupt \(\.metadata fails its checksum"):
+        single_process_trainer(tiny_config(data_cache, run, "train.max_steps=4"), checkpoint=named)
+    assert named.is_dir(), "a checkpoint the user named is never set aside"
+    trainer = single_process_trainer(tiny_config(data_cache, run, "train.max_steps=4"), resume=True)
+    assert trainer.step == 2 and (run / "checkpoints" / "step_00000003.invalid").is_dir()
+
+
+def test_only_corrupt_checkpoints_is_a_clear_error(data_cache, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    shard = next(ckpt.latest_checkpoint(run).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"--resume: no checkpoint in"):
         train(data_cache, run, "train.max_steps=4", resume=True)
-    assert sorted(p.name for p in latest.iterdir()) == before, "nothing is deleted on a failed load"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.invalid"]
+
+
+def test_resume_from_an_older_checkpoint_sets_later_ones_aside(data_cache, tiny_data, tmp_path):
+    """--resume-from: the run continues from the named checkpoint and reproduces the steps after it."""
+    run, every = tmp_path / "run", ["train.checkpoint_interval=1", "train.keep_checkpoints=6"]
+    train(data_cache, run, *every)
+    before = losses(run)
+    named = run / "checkpoints" / "step_00000003"
+    trainer = single_process_trainer(tiny_config(data_cache, run, *every), checkpoint=named)
+    assert trainer.step == 3
+    trainer.fit()
+    assert losses(run) == before
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step_0000000{i}" for i in range(1, 7)]
+    assert {p.name for p in (run / "checkpoints").glob("*.superseded")} == {
+        f"step_0000000{i}.superseded" for i in (4, 5, 6)
+    }
 
 
 def test_incompatible_checkpoint_names_the_key(data_cache, tiny_data, tmp_path):
@@ -198,8 +224,14 @@ def test_checkpoint_metadata_is_not_unpickled_freely(data_cache, tiny_data, tmp_
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
     (latest / ".metadata").write_bytes(pickle.dumps(Evil()))
+    meta = json.loads((latest / "meta.json").read_text())  # a forger can update the checksum too
+    forged = (latest / ".metadata").read_bytes()
+    meta["files"][".metadata"] = [len(forged), zlib.crc32(forged)]
+    (latest / "meta.json").write_text(json.dumps(meta))
     refused = r"corrupt or incomplete .*metadata refers to posix.system, which is not allowed"
     with pytest.raises(CheckpointError, match=refused):
+        single_process_trainer(tiny_config(data_cache, run, "train.max_steps=4"), checkpoint=latest)
+    with pytest.raises(CheckpointError, match="--resume: no checkpoint in"):  # set aside as invalid
         train(data_cache, run, "train.max_steps=4", resume=True)
     assert not (tmp_path / "pwned").exists()
 
@@ -231,3 +263,60 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), res.stderr
+
+
+def test_diverging_run_stops_with_one_line_and_good_checkpoints(data_cache, tiny_data, tmp_path):
+    """lr 1e4 without clipping: the first non-finite gradient stops the run (exit 3) naming the newest good
+    checkpoint, which holds the state before the bad step; no checkpoint holds non-finite weights."""
+    run = tmp_path / "run"
+    args = ["optim.lr=1e4", "optim.grad_clip=0", "train.max_steps=40", "train.checkpoint_interval=1"]
+    res = cli("train", *TINY, f"data.cache_dir={data_cache}", f"train.run_dir={run}", *args, cwd=tmp_path)
+    assert res.returncode == 3, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("megamoe: error")]
+    assert len(lines) == 1 and "non-finite" in lines[0] and "the newest good checkpoint is" in lines[0], res.stderr
+    bad_step = int(lines[0].split("step ")[1].split(":")[0])
+    saved = ckpt.list_checkpoints(run)
+    assert saved[-1].name == f"step_{bad_step - 1:08d}" and str(saved[-1]) in lines[0]
+    assert len(saved) == min(2, bad_step - 1), "the good checkpoints before it are kept, not pruned by a bad one"
+    for path in saved:
+        model = single_process_trainer(tiny_config(data_cache, tmp_path / "check"), checkpoint=path).model
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), path
+
+
+def test_skipped_update_changes_nothing_and_resumes_exactly(data_cache, tiny_data, tmp_path, caplog):
+    """train.max_nonfinite_steps=1: a NaN gradient at step 3 (planted by a gradient hook) skips that update
+    (weights and moments as after step 2) and training goes on; a resume after it is exact."""
+    every = ["train.checkpoint_interval=1", "train.keep_checkpoints=6", "train.max_nonfinite_steps=1"]
+    run = tmp_path / "run"
+    trainer = single_process_trainer(tiny_config(data_cache, run, *every))
+    weight = trainer.model.lm_head.weight
+    weight.register_hook(lambda g: g * float("nan") if trainer.step == 2 else g)
+    assert trainer.fit()["step"] == 6
+    assert "step 3: non-finite gradient norm nan: update skipped (1 of at most 1 in a row)" in caplog.text
+    states = [read_state(run, ckpt.step_dir(run, s)) for s in (2, 3)]
+    for name, value in states[0].params.items():
+        assert torch.equal(value, states[1].params[name]), name
+    for key, value in states[0].moments.items():
+        assert torch.equal(value, states[1].moments[key]), key
+    assert json.loads((ckpt.step_dir(run, 6) / "meta.json").read_text())["optimizer_steps"] == 5
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt.step_dir(run, 4), ckpt.step_dir(resumed_dir, 4))
+    shutil.copy(run / "config.yaml", resumed_dir / "config.yaml")
+    resumed = single_process_trainer(tiny_config(data_cache, resumed_dir, *every), resume=True)
+    resumed.fit()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
+
+
+def test_flipped_bits_in_the_newest_checkpoint_are_caught(data_cache, tiny_data, tmp_path, caplog):
+    """Same size, one byte changed deep in the weights: the CRC-32 recorded at save time catches it."""
+    run = tmp_path / "run"
+    train(data_cache, run, "train.checkpoint_interval=1", "train.max_steps=3")
+    shard = next(ckpt.step_dir(run, 3).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.problem(ckpt.step_dir(run, 3)) is None, "sizes and index still look fine"
+    trainer = single_process_trainer(tiny_config(data_cache, run, "train.max_steps=4"), resume=True)
+    assert trainer.step == 2 and f"{shard.name} fails its checksum" in caplog.text
