@@ -21,14 +21,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N ARGS`, as a user would launch it."""
+def torchrun(nproc: int, *args: str, timeout: int = TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N ARGS`, as a user would launch it (env adds to or overrides variables)."""
+    extra = dict(env or {})
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
     }
+    if "PYTHONPATH" in extra:
+        extra["PYTHONPATH"] = extra["PYTHONPATH"].rstrip(os.pathsep) + os.pathsep + str(REPO)
+    env.update(extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 

@@ -1,28 +1,37 @@
 """Every parallel layout trains exactly like the single-process run of the same global batch.
 
-Each layout runs under torchrun (gloo, CPU) through the real CLI. Compared with the in-process
-single-process reference over 6 optimizer steps: the train loss, the pre-clip gradient norm
-(clipping at 0.5 is active on every step) and the eval loss at every logged step, and the final
-parameters (read back from the layout's checkpoint into a single-process model).
-Stated fp32 tolerance: relative 1e-5 for losses and norms, absolute 2e-6 for parameters
-(reductions are summed in a different order on each layout).
+Each layout runs under torchrun (gloo, CPU) through the real CLI, 6 optimizer steps with clipping at
+0.5 active on every step and a checkpoint after every step. tests/distributed/parity.py compares it
+with single-process math: every step from the layout's own previous state (loss, grad norm, the
+per-tensor gradient, the second moment, and the AdamW update, each with a derived fp32 tolerance),
+and along the trajectory (losses, grad norms, eval losses, final parameters).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 
 import pytest
-import torch
 
-from megamoe.model import build_model
-from megamoe.train.checkpoint import architecture, latest_checkpoint, load_checkpoint
-from megamoe.train.engine import PlainEngine
+from megamoe.train.checkpoint import step_dir
 from megamoe.train.run import load_run_config
 from tests.distributed.helpers import check, metrics, torchrun
+from tests.distributed.parity import (
+    check_every_step,
+    check_final,
+    check_step,
+    check_trajectory,
+    read_state,
+    teacher_step,
+)
 from tests.util import TINY, single_process_trainer, tiny_config
 
-COMMON = ["train.global_batch_size=8", "optim.grad_clip=0.5", "parallel.timeout_s=120"]
+COMMON = [
+    "train.global_batch_size=8", "optim.grad_clip=0.5", "parallel.timeout_s=120",
+    "train.checkpoint_interval=1", "train.keep_checkpoints=6",
+]  # fmt: skip
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=0"]),
     "dp2": (2, ["parallel.zero_stage=0"]),
@@ -37,36 +46,27 @@ KEYS = ("train/loss", "train/grad_norm", "eval/loss")
 
 @pytest.fixture(scope="module")
 def reference(data_cache, tiny_data, tmp_path_factory):
-    """The single-process run: its metrics and final parameters."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    trainer = single_process_trainer(tiny_config(data_cache, run_dir, *COMMON))
+    """The single-process run: its metrics and final parameters, and the config teacher steps use."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(data_cache, root / "run", *COMMON)
+    trainer = single_process_trainer(cfg)
     trainer.fit()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return {"metrics": {k: metrics(run_dir, k) for k in KEYS}, "params": params}
+    teacher = tiny_config(data_cache, root / "teacher", *COMMON)
+    return {"metrics": {k: metrics(root / "run", k) for k in KEYS}, "params": params, "cfg": teacher}
 
 
-def launch(nproc: int, data_cache, run_dir, *extra: str) -> None:
+def launch(nproc: int, data_cache, run_dir, *extra: str, env: dict | None = None) -> None:
     """Train the tiny config on nproc ranks through `torchrun -m megamoe train` (later overrides win)."""
     args = [*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", *extra]
-    check(torchrun(nproc, "-m", "megamoe", "train", *args))
+    check(torchrun(nproc, "-m", "megamoe", "train", *args, env=env))
 
 
-def assert_metrics_match(run_dir, reference: dict, from_step: int = 0, keys: tuple[str, ...] = KEYS) -> None:
-    """Loss, grad norm and eval loss (or `keys`) equal the reference at every logged step > from_step."""
-    for key in keys:
-        got = [(s, v) for s, v in metrics(run_dir, key) if s > from_step]
-        want = [(s, v) for s, v in reference["metrics"][key] if s > from_step]
-        assert [s for s, _ in got] == [s for s, _ in want], key
-        for (step, a), (_, b) in zip(got, want):
-            assert a == pytest.approx(b, rel=1e-5), f"{key} at step {step}: {a} vs {b}"
-
-
-def final_params(run_dir) -> dict[str, torch.Tensor]:
-    """A run's newest checkpoint, resharded into a single-process model."""
-    cfg = load_run_config(str(run_dir), [])
-    model = build_model(cfg.model, 0, moe=cfg.moe)
-    load_checkpoint(latest_checkpoint(run_dir), model, PlainEngine(model, cfg.optim, 1, False), architecture(cfg))
-    return {n: p.detach() for n, p in model.named_parameters()}
+def assert_layout_matches(run_dir, reference: dict, keys: tuple[str, ...] = KEYS) -> None:
+    """Every step from the layout's own state, the trajectory's metrics, and the final parameters."""
+    check_every_step(run_dir, reference["cfg"])
+    check_trajectory(run_dir, reference, keys)
+    check_final(run_dir, reference, reference["cfg"])
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -74,10 +74,33 @@ def test_layout_matches_single_process(name, reference, data_cache, tmp_path):
     nproc, overrides = LAYOUTS[name]
     run_dir = tmp_path / name
     launch(nproc, data_cache, run_dir, *overrides)
-    assert_metrics_match(run_dir, reference)
-    got = final_params(run_dir)
-    for param, want in reference["params"].items():
-        torch.testing.assert_close(got[param], want, rtol=0, atol=2e-6, msg=lambda m, p=param: f"{p}: {m}")
+    assert_layout_matches(run_dir, reference)
+
+
+PLANTED = """# A planted layout bug: the sequence-parallel RMSNorm scales lose their gradient's TP all-reduce.
+import megamoe.parallel.specs as specs
+
+specs.SequenceParallelRMSNorm.scale = lambda self: self.weight
+"""
+
+
+def test_planted_bug_fails(reference, data_cache, tmp_path):
+    """The checks are strict enough: tp2-sp with the norm-scale gradient all-reduce dropped fails them."""
+    (tmp_path / "plant").mkdir()
+    (tmp_path / "plant" / "sitecustomize.py").write_text(PLANTED)
+    env = {"PYTHONPATH": f"{tmp_path / 'plant'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run_dir = tmp_path / "tp2-sp-planted"
+    nproc, overrides = LAYOUTS["tp2-sp"]
+    launch(nproc, data_cache, run_dir, *overrides, env=env)
+    with pytest.raises(AssertionError, match=r"step 1 \S+: gradient differs"):
+        check_every_step(run_dir, reference["cfg"])
+    # The first tensor in order (the embedding) already fails, by ~6x its tolerance, because the unsummed
+    # scales skew each TP rank's clipping norm; the scales themselves are off by about half their gradient.
+    teacher, layout = teacher_step(reference["cfg"], None), read_state(run_dir, step_dir(run_dir, 1))
+    with pytest.raises(AssertionError, match=r"attn_norm\.weight: gradient differs by (\S+) \(allowed") as failed:
+        check_step("layers.0.attn_norm.weight", 1, layout, teacher, reference["cfg"])
+    err, allowed = (float(x) for x in re.findall(r"by (\S+) \(allowed (\S+),", str(failed.value))[0])
+    assert err > 100 * allowed
 
 
 def test_reshard_on_resume(reference, data_cache, tmp_path):
@@ -89,7 +112,7 @@ def test_reshard_on_resume(reference, data_cache, tmp_path):
     shutil.copytree(saved, as_tp1)
     resume = ["train.max_steps=6", "parallel.tensor_parallel=1", "parallel.zero_stage=2"]
     check(torchrun(4, "-m", "megamoe", "train", str(as_dp4), "--resume", *resume))
-    assert_metrics_match(as_dp4, reference, from_step=3)
+    check_trajectory(as_dp4, reference, KEYS, from_step=3)
     cfg = load_run_config(str(as_tp1), ["train.max_steps=6", "parallel.tensor_parallel=1", "parallel.zero_stage=0"])
     single_process_trainer(cfg, resume=True).fit()
-    assert_metrics_match(as_tp1, reference, from_step=3)
+    check_trajectory(as_tp1, reference, KEYS, from_step=3)
