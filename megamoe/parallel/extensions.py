@@ -12,19 +12,15 @@ another rank's build is logged every few seconds, with the holder's pid, and has
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
-import time
-from collections.abc import Iterator
+import signal
 from pathlib import Path
 
-from megamoe.errors import MegamoeError
+from megamoe.utils.locks import held_lock
 
 log = logging.getLogger(__name__)
 OP = "ShareMemCommBuilder"
-REPORT_EVERY_S = 10.0
+PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 BUILD_TIMEOUT_S = 900.0
 """Longest wait for another process's build: a build takes about a minute on 2 cores."""
 
@@ -34,38 +30,6 @@ def _build_dir(name: str) -> Path:
     from torch.utils.cpp_extension import _get_build_directory  # the function DeepSpeed's jit_load goes through
 
     return Path(_get_build_directory(name, verbose=False))
-
-
-@contextlib.contextmanager
-def held_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on path, waiting at most timeout_s and saying who it waits for."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        start, told = time.monotonic(), 0.0
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                holder = Path(path).read_text().strip() or "?"
-                if waited > timeout_s:
-                    raise MegamoeError(
-                        f"{path}: waited {waited:.0f} s for pid {holder} to finish {what}; "
-                        "if that process is stuck, kill it and start again"
-                    ) from None
-                if waited - told >= REPORT_EVERY_S:
-                    log.info("waiting for pid %s to finish %s (%.0f s so far; lock %s)", holder, what, waited, path)
-                    told = waited
-                time.sleep(0.2)
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.truncate(0)
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_deepspeed_ops(timeout_s: float = BUILD_TIMEOUT_S) -> None:
@@ -86,4 +50,10 @@ def ensure_deepspeed_ops(timeout_s: float = BUILD_TIMEOUT_S) -> None:
             baton.unlink()
         if not any(folder.glob("*.so")):
             log.info("building DeepSpeed's %s op in %s (once per machine, about a minute)", builder.NAME, folder)
-        builder.load(verbose=False)
+        # SLURM delivers a preemption notice to every process of the step, the compiler included: block
+        # it while building (children inherit the mask); the rank's own handler gets it afterwards.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        try:
+            builder.load(verbose=False)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -186,10 +186,10 @@ def save_checkpoint(
             with _quiet_dcp():
                 dcp.save(_state(model, model_part, engine.optimizer_state(), meshes), checkpoint_id=tmp)
         except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
-            newest = latest_checkpoint(run_dir)
-            raise CheckpointError(
-                f"{final}: could not write the checkpoint ({_describe(err)}); "
-                f"the newest complete checkpoint is {newest or 'none'}"
+            newest, free_mib = latest_checkpoint(run_dir), shutil.disk_usage(final.parent).free / 2**20
+            raise CheckpointError(  # a full disk often surfaces as a torch serializer error: say how full
+                f"{final}: could not write the checkpoint ({_describe(err)}; {free_mib:.1f} MiB free on its "
+                f"filesystem); the newest complete checkpoint is {newest or 'none'}"
             ) from None
         files = {name: sums for part in gather(_file_sums(tmp)) for name, sums in part.items()}
         if main:

@@ -29,13 +29,13 @@ ROUTING_DOMAINS_FILE = "routing_domains.jsonl"
 class MetricSinks:
     """Fan one dict of scalars out to every configured sink (only on the logging rank)."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, resume_step: int | None):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, step: int):
+        """step: where training (re)starts; records after it belong to work a crash lost and are dropped."""
         self.run_dir = run_dir
-        if resume_step is not None:
-            for name in ("metrics.jsonl", ROUTING_DOMAINS_FILE):
-                _truncate_after(run_dir / name, resume_step)
+        for name in ("metrics.jsonl", ROUTING_DOMAINS_FILE):
+            _truncate_after(run_dir / name, step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
-        self._wandb = self._init_wandb(cfg, run_dir, config, resume_step is not None)
+        self._wandb = self._init_wandb(cfg, run_dir, config, step > 0)
         self._tb = self._init_tensorboard(cfg, run_dir)
 
     @staticmethod

@@ -14,10 +14,14 @@ from megamoe.data import PreparedData, prepare_data
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.train.checkpoint import checkpoints_root, latest_checkpoint, resume_candidates, set_aside, step_dir
 from megamoe.train.dist import barrier, from_main, is_main, on_main
+from megamoe.utils.fs import remove_stale_temps
+from megamoe.utils.locks import hold_for_life
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".megamoe.lock"
+"""Held by the process that trains in a run dir (its rank 0), for as long as it lives."""
 
 
 @dataclass
@@ -87,13 +91,26 @@ def _resume_from(run_dir: Path, resume: bool, checkpoint: Path | None) -> list[P
     return found
 
 
+def _claim(run_dir: Path, cfg: Config, resume: bool, checkpoint: Path | None) -> list[Path]:
+    """Lock the run dir for this process's life, then pick the checkpoints to try (rank 0).
+
+    The lock keeps two trainings out of one run dir: ranks of a launcher that was killed outright
+    train on to their next step boundary and save there, while a user may already have restarted.
+    The restart waits for them (logged, bounded by parallel.timeout_s), then resumes from their save.
+    """
+    what = f"training in {run_dir} (an earlier launch; it stops at its next step and saves)"
+    hold_for_life(run_dir / LOCK_FILE, cfg.parallel.timeout_s, what)
+    remove_stale_temps(run_dir)  # files of a writer killed mid-write (metrics truncation, config)
+    return _resume_from(run_dir, resume, checkpoint)
+
+
 def setup_run(cfg: Config, resume: bool, progress: bool = True, checkpoint: Path | None = None) -> RunSetup:
     """Pick the run dir, choose the checkpoint(s) to resume from, prepare data, save the config (rank 0).
 
     checkpoint: a checkpoint the user named (--resume-from); otherwise --resume tries the newest valid one.
     """
     run_dir = Path(str(from_main(str(choose_run_dir(cfg)))))
-    found = on_main(lambda: [str(p) for p in _resume_from(run_dir, resume, checkpoint)])
+    found = on_main(lambda: [str(p) for p in _claim(run_dir, cfg, resume, checkpoint)])
     resume_from = [Path(p) for p in from_main(found)]
     data = _prepare_once(cfg, progress)
     cfg = with_vocab(cfg, data.vocab_size, str(data.tokenizer_path))

@@ -265,9 +265,7 @@ class Trainer:
         preempt: a flag installed before the run was set up (so a notice during start-up counts).
         """
         main = self.groups.is_main
-        sinks = (
-            MetricSinks(self.cfg.logging, self.run_dir, config_to_dict(self.cfg), self.step or None) if main else None
-        )
+        sinks = MetricSinks(self.cfg.logging, self.run_dir, config_to_dict(self.cfg), self.step) if main else None
         self._log_start()
         bar = tqdm(
             total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step",
