@@ -55,14 +55,17 @@ def test_torchrun_script_preempt_and_resume(data_cache, tiny_data, tmp_path):
 
 
 def test_slurm_script_dry_run(tmp_path):
-    """The sbatch script parses, rendezvous on the first node, keys the run dir by job id, resumes when it can."""
+    """The sbatch script parses, runs our torchrun (it survives SIGUSR1) with rendezvous on the first node, keys the
+    run dir by job id, resumes when it can."""
     script = REPO / "launch" / "slurm.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     slurm = env(DRY_RUN="1", SLURM_JOB_ID="42", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a", GPUS_PER_NODE="8",
                 RUN_DIR=str(tmp_path / "run"))  # fmt: skip
     cmd = subprocess.run(["bash", str(script), "configs/debug/cpu_tiny.yaml", "parallel.tensor_parallel=2"],
                          env=slurm, capture_output=True, text=True, cwd=REPO).stdout  # fmt: skip
-    assert "--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint gpu-a:29500 --rdzv-id 42" in cmd
+    assert cmd.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 ")
+    launch = "-m megamoe.cli.torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint gpu-a:29500"
+    assert f"{launch} --rdzv-id 42 -m megamoe train configs/debug/cpu_tiny.yaml" in cmd
     assert f"train.run_dir={tmp_path / 'run'}" in cmd and "--resume" not in cmd
     (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step_00000010" / "meta.json").write_text("{}")
