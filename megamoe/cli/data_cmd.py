@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +20,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     """Prepare (or find in the cache) the data of a config and print its manifest summary."""
     from megamoe.cli.main import split_config_args
     from megamoe.data import prepare_data
-    from megamoe.train.run import load_run_config
 
-    cfg = load_run_config(*split_config_args(args.args))
+    config, overrides = split_config_args(args.args)
+    if config is not None and (Path(config) / "config.yaml").is_file():  # a run directory: its saved config
+        from megamoe.train.run import load_run_config  # imports torch.distributed (seconds): only when needed
+
+        cfg = load_run_config(config, overrides)
+    else:
+        from megamoe.config import load_config
+
+        cfg = load_config(config, overrides)
     data = prepare_data(cfg.data, progress=cfg.logging.progress)
     summary = {k: v for k, v in data.manifest.items() if k not in ("config", "settings")}
     print(json.dumps(summary, indent=2))

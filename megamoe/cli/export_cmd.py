@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     p = sub.add_parser("export", help="write model.safetensors + config.json + tokenizer.json for one device")
     p.add_argument("run_dir", type=Path, help="a run directory")
-    p.add_argument("--out", type=Path, required=True, help="the export folder to create (must not exist)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to create (an existing one is refused)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: the newest)")
     p.set_defaults(func=run)
 

@@ -1,6 +1,8 @@
 """Document sources: the embedded corpus (Python stdlib sources) or user files read with HF datasets.
 
 Every source becomes a `datasets.Dataset` with two string columns, `text` and `domain`.
+HF datasets (and pyarrow) are imported where documents are read, not at import time: every
+command imports this module (for the cache key), and datasets alone takes 1-2 s to import.
 """
 
 from __future__ import annotations
@@ -8,15 +10,22 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from megamoe.config import DataConfig
+from megamoe.data.diagnose import first_bad_json, first_bad_line
 from megamoe.errors import DataError
+from megamoe.utils.fs import disk_full_reason
+
+if TYPE_CHECKING:
+    import datasets
 
 EMBEDDED_SKIP = ("site-packages", "__pycache__", "__phello__")
 """Top-level stdlib folders that are not part of the embedded corpus."""
@@ -33,17 +42,25 @@ def stdlib_root() -> Path:
 def embedded_files() -> list[tuple[Path, str]]:
     """(path, domain) of every stdlib module; domain = top-level package ('toplevel' for modules)."""
     root = stdlib_root()
+    found = []
+    # os.walk with pruning: rglob would also walk site-packages (tens of thousands of files, ~2 s)
+    for folder, subdirs, names in os.walk(root):
+        top = Path(folder).relative_to(root).parts
+        if not top:
+            subdirs[:] = [d for d in subdirs if d not in EMBEDDED_SKIP and not d.startswith("config-")]
+        subdirs[:] = [d for d in subdirs if d != "__pycache__"]
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
     files = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(found):  # the order rglob gave: it is part of the cache key
         parts = path.relative_to(root).parts
-        if parts[0] in EMBEDDED_SKIP or parts[0].startswith("config-") or "__pycache__" in parts:
-            continue
         files.append((path, parts[0] if len(parts) > 1 else "toplevel"))
     return files
 
 
 def _embedded_dataset() -> datasets.Dataset:
     """The embedded corpus: one document per stdlib module."""
+    import datasets
+
     texts, domains = [], []
     for path, domain in embedded_files():
         texts.append(path.read_text(encoding="utf-8", errors="replace"))
@@ -83,6 +100,8 @@ def _file_format(path: Path, cfg: DataConfig) -> str:
 
 def _read_one(path: Path, cfg: DataConfig, hf_cache: Path) -> datasets.Dataset:
     """One file or saved dataset dir as a Dataset (all columns)."""
+    import datasets
+
     fmt = _file_format(path, cfg)
     try:
         if fmt == "saved":
@@ -91,23 +110,78 @@ def _read_one(path: Path, cfg: DataConfig, hf_cache: Path) -> datasets.Dataset:
         if fmt == "arrow":
             return datasets.Dataset.from_file(str(path))
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
-        return datasets.load_dataset(
-            LOADERS[fmt], data_files=str(path), split="train", cache_dir=str(hf_cache), **kwargs
-        )
+        with _quiet_datasets():
+            return datasets.load_dataset(
+                LOADERS[fmt], data_files=str(path), split="train", cache_dir=str(hf_cache), **kwargs
+            )
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-        raise DataError(f"data.path: cannot read {path} as {fmt}: {err}".splitlines()[0]) from None
+        if disk_full_reason(err):
+            raise DataError(
+                f"data.cache_dir: {disk_full_reason(err)} while reading {path} into the datasets cache {hf_cache}; "
+                "free space there or set data.cache_dir to a larger disk"
+            ) from None
+        bad = _first_bad_record(path, fmt, cfg)
+        what = bad or f"cannot read {path} as {fmt}: {err}".splitlines()[0]
+        raise DataError(f"data.path: {what}") from None
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence datasets' own log lines while it loads (a bad file gets one error line from us instead)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_bad_record(path: Path, fmt: str, cfg: DataConfig) -> str | None:
+    """'FILE:LINE: what is wrong' for the first bad record of a JSON(-lines) file; None for other formats."""
+    if fmt == "jsonl":
+        return first_bad_line(path, cfg.text_field, cfg.domain_field)
+    if fmt == "json":
+        return first_bad_json(path, cfg.text_field, cfg.domain_field)
+    return None
+
+
+def _valid_utf8(ds: datasets.Dataset, column: str) -> bool:
+    """The column's strings are valid UTF-8 (Arrow does not check on load; this pass runs in C, at GB/s)."""
+    import pyarrow as pa
+
+    try:
+        ds.data.column(column).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _has_nulls(ds: datasets.Dataset, column: str) -> bool:
+    """Some rows lack the column or hold null there (Arrow counts nulls for free)."""
+    return ds.data.column(column).null_count > 0
 
 
 def _select_columns(ds: datasets.Dataset, path: Path, cfg: DataConfig) -> datasets.Dataset:
     """Keep text and domain columns, renamed to 'text' and 'domain'."""
+    import datasets
+
     text_field = "text" if _file_format(path, cfg) == "text" else cfg.text_field
     if text_field not in ds.column_names:
         raise DataError(f"data.text_field: no column '{text_field}' in {path} (columns: {ds.column_names})")
     if cfg.domain_field and cfg.domain_field not in ds.column_names:
         raise DataError(f"data.domain_field: no column '{cfg.domain_field}' in {path} (columns: {ds.column_names})")
     feature = ds.features[text_field]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+    is_text = getattr(feature, "dtype", None) in ("string", "large_string")
+    utf8 = is_text and _valid_utf8(ds, text_field)
+    if not utf8 or _has_nulls(ds, text_field) or (cfg.domain_field and _has_nulls(ds, cfg.domain_field)):
+        bad = _first_bad_record(path, _file_format(path, cfg), cfg)
+        if bad:
+            raise DataError(f"data.path: {bad}")
+    if not is_text:
         raise DataError(f"data.text_field: column '{text_field}' of {path} holds {feature}, not text")
+    if not utf8:
+        raise DataError(f"data.text_field: column '{text_field}' of {path} holds text that is not valid UTF-8")
     if cfg.domain_field:
         ds = ds.select_columns([text_field, cfg.domain_field])
         ds = ds.rename_columns({text_field: "text", cfg.domain_field: "domain"})
@@ -120,6 +194,8 @@ def _select_columns(ds: datasets.Dataset, path: Path, cfg: DataConfig) -> datase
 
 def load_documents(cfg: DataConfig, hf_cache: Path) -> datasets.Dataset:
     """All documents of the configured source, with columns text and domain."""
+    import datasets
+
     if not cfg.path:
         return _embedded_dataset()
     parts = [_select_columns(_read_one(p, cfg, hf_cache), p, cfg) for p in resolve_files(cfg)]

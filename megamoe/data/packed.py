@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -79,6 +82,8 @@ class PackedSplit:
 
     def batch(self, indices: np.ndarray, seq_len: int) -> Batch:
         """The sequences with the given indices as one batch."""
+        import torch  # here, not at the top: `megamoe data prepare` never needs torch (1-2 s to import)
+
         windows = [slice(i * seq_len, i * seq_len + seq_len + 1) for i in indices]
         toks = torch.from_numpy(np.stack([self.tokens[w] for w in windows]).astype(np.int64))
         doms = torch.from_numpy(np.stack([self.domains[w] for w in windows]).astype(np.int64))

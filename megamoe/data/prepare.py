@@ -1,15 +1,18 @@
 """`megamoe data prepare`: documents → tokenizer → packed, memory-mapped train/val token streams.
 
 The result lives in <data.cache_dir>/data/<key>, where key hashes the source files (paths, sizes,
-modification times) and every setting that changes the output. It is written to a temp dir and
-renamed, under a file lock, so concurrent runs (or ranks) prepare it once and a crash leaves
-nothing half-written; a later run with the same key reuses it.
+modification times) and every setting that changes the output. It is written to a temp dir
+(.<key>.tmp-*), synced and renamed, under the file lock <key>.lock, so concurrent runs (or ranks)
+prepare it once and a crash, kill -9 or full disk leaves nothing half-written under <key>; a later
+run with the same key reuses it. A rerun removes what a killed prepare of the same key left (only
+temps whose writer is gone: prepares of other data in the same cache dir are never touched). A
+prepare that waits for the lock says for whom, at once and every minute. A full disk is one
+error line (exit 2) naming the cache and what to do.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -18,8 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -27,8 +30,12 @@ from megamoe.config import DataConfig
 from megamoe.data.corpus import load_documents, source_fingerprint
 from megamoe.data.packed import PackedSplit, SplitWriter, token_dtype
 from megamoe.data.tokenizer import eod_id, load_tokenizer, train_bpe
-from megamoe.errors import DataError
-from megamoe.utils.fs import atomic_dir, atomic_write_json, remove_stale_temps
+from megamoe.errors import DataError, MegamoeError
+from megamoe.utils.fs import atomic_dir, atomic_write_json, disk_full_reason, remove_dead_temps
+from megamoe.utils.locks import open_locked
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +97,48 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
         load_tokenizer(cfg.tokenizer)  # fail early, before hashing, on a missing/bad file
     key = cache_key(cfg)
     root = Path(cfg.cache_dir).expanduser() / "data" / key
-    with _lock(root.with_suffix(".lock")):
-        if not (root / "manifest.json").is_file():
-            remove_stale_temps(root.parent)
-            with atomic_dir(root) as tmp:
-                _build(cfg, key, tmp, progress)
-        else:
-            log.info("data: reusing %s", root)
+    try:
+        with _lock(root.with_suffix(".lock")):
+            if (root / "manifest.json").is_file():
+                log.info("data: reusing %s", root)
+            else:
+                _build_atomically(cfg, key, root, progress)
+    except MegamoeError:
+        raise
+    except Exception as err:  # tokenizers reports a full disk as a bare Exception, numpy as an OSError
+        reason = disk_full_reason(err)
+        if reason is None:
+            raise
+        raise DataError(
+            f"data.cache_dir: {reason} while writing the data cache {root} (nothing was kept); "
+            "free space there or set data.cache_dir to a larger disk"
+        ) from None
     return PreparedData(root, json.loads((root / "manifest.json").read_text()))
+
+
+def _build_atomically(cfg: DataConfig, key: str, root: Path, progress: bool) -> None:
+    """Build into a temp dir renamed to root; what killed builders of this key left is removed first."""
+    if root.exists():  # atomic_dir never leaves this: someone removed files from a finished cache
+        raise DataError(f"data.cache_dir: {root} is incomplete (no manifest.json); delete that folder and rerun")
+    for stale in remove_dead_temps(root):
+        log.info("data: removed %s, left by a prepare that was killed", stale.name)
+    with atomic_dir(root) as tmp:
+        _build(cfg, key, tmp, progress)
 
 
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock: one process prepares, the others wait and then reuse."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """An exclusive file lock: one process prepares, the others wait (saying for whom) and then reuse."""
+
+    def waiting(seconds: float, holder: str) -> None:
+        log.warning(
+            "data: waiting (%.0f s so far) for %s, held by another prepare of the same data (%s); "
+            "its result is reused when it finishes",
+            seconds, path, holder,
+        )  # fmt: skip
+
+    with open_locked(path, waiting):
+        yield
 
 
 def _select(cfg: DataConfig, docs: datasets.Dataset) -> tuple[np.ndarray, int]:

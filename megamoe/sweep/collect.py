@@ -9,7 +9,9 @@ and curves.png (mean eval loss and smoothed train loss against tokens, per group
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from megamoe.sweep.spec import Sweep
 from megamoe.train.metrics import read_metrics
+from megamoe.utils.fs import atomic_write_text
 
 
 def group_of(run_name: str) -> str:
@@ -32,13 +35,29 @@ def run_rows(sweep: Sweep) -> list[dict]:
         if not path.is_file():
             continue
         summary = json.loads(path.read_text())
-        speeds = [r["perf/tokens_per_s"] for r in read_metrics(run.run_dir) if "perf/tokens_per_s" in r]
+        records = read_metrics(run.run_dir)
+        final = _final_eval(summary, records)
+        if final is None:
+            continue
+        speeds = [r["perf/tokens_per_s"] for r in records if "perf/tokens_per_s" in r]
         rows.append({
             "run": run.name, "group": group_of(run.name), "seed": run.seed, "step": summary["step"],
-            "tokens": summary["tokens"], "eval_loss": summary["eval/loss"], "eval_ppl": summary["eval/ppl"],
+            "tokens": summary["tokens"], "eval_loss": final["eval/loss"], "eval_ppl": final["eval/ppl"],
             "tokens_per_s": round(statistics.median(speeds)) if speeds else float("nan"),
         })  # fmt: skip
     return rows
+
+
+def _final_eval(summary: dict, records: list[dict]) -> dict | None:
+    """The final evaluation: the summary's, else the one logged at the summary's step.
+
+    A run killed after its last checkpoint but before its summary resumes at max_steps with no
+    step left to train, and its new summary then holds no evaluation; its metrics still do.
+    """
+    if "eval/loss" in summary:
+        return summary
+    logged = [r for r in records if r.get("step") == summary["step"] and "eval/loss" in r]
+    return logged[-1] if logged else None
 
 
 def _mean_std(values: list[float]) -> str:
@@ -113,13 +132,16 @@ def collect(sweep: Sweep) -> tuple[Path, str]:
 
         raise MegamoeError(f"--collect: no finished run under {sweep.root}")
     sweep.root.mkdir(parents=True, exist_ok=True)
-    with open(sweep.root / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep.root / "results.csv", text.getvalue())  # a killed collect leaves the old file
     table = markdown(group_table(rows))
     missing = len(sweep.runs) - len(rows)
     note = f"\n{missing} of {len(sweep.runs)} runs not finished.\n" if missing else ""
-    (sweep.root / "results.md").write_text(f"# {sweep.name}\n\n{table}{note}\n![curves](curves.png)\n")
-    curves(sweep, sweep.root / "curves.png")
+    atomic_write_text(sweep.root / "results.md", f"# {sweep.name}\n\n{table}{note}\n![curves](curves.png)\n")
+    tmp = sweep.root / ".curves.tmp.png"
+    curves(sweep, tmp)
+    os.replace(tmp, sweep.root / "curves.png")
     return sweep.root, table

@@ -3,13 +3,20 @@
 A run is done when its summary.json reports train.max_steps; it resumes (`--resume`) when its
 directory holds checkpoints; otherwise it starts fresh. Each local run's output goes to
 <sweep root>/logs/<run>.log. With N at a time, each process gets an equal share of the cores.
+
+A killed sweep is rerun as it was: finished runs are skipped, interrupted ones resume. Each
+running `megamoe train` holds <sweep root>/logs/<run>.lock, so a second sweep of the same file
+waits for it (and says so) instead of training the same run twice; and it gets SIGTERM (save a
+checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +24,9 @@ from pathlib import Path
 
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.train.checkpoint import latest_checkpoint
+from megamoe.utils.locks import note_holder, open_locked
+
+PR_SET_PDEATHSIG = 1
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
 
@@ -47,9 +57,9 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
     while todo or active:
         while todo and len(active) < parallel:
             run = todo.pop(0)
-            echo(f"  start {run.name} ({status(run)})")
-            with open(logs / f"{run.name}.log", "a") as log:
-                active[run.name] = subprocess.Popen(train_command(run), stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = _launch(run, logs, env, echo)
+            if proc is not None:
+                active[run.name] = proc
         for name, proc in list(active.items()):
             if proc.poll() is not None:
                 results[name] = proc.returncode
@@ -57,6 +67,44 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
                 del active[name]
         time.sleep(0.5)
     return results
+
+
+def _launch(run: Run, logs: Path, env: dict[str, str], echo) -> subprocess.Popen | None:
+    """Start one run's `megamoe train` holding the run's lock; None if it turned out done meanwhile."""
+
+    def waiting(seconds: float, holder: str) -> None:
+        echo(f"  waiting ({seconds:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
+
+    lock = open_locked(logs / f"{run.name}.lock", waiting)
+    try:
+        state = status(run)  # again, under the lock: another sweep may have finished it
+        if state == "done":
+            echo(f"  skip {run.name} (finished by another sweep)")
+            return None
+        echo(f"  start {run.name} ({state})")
+        with open(logs / f"{run.name}.log", "a") as log:
+            proc = subprocess.Popen(
+                train_command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
+                pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent(os.getpid()),
+            )  # fmt: skip
+        note_holder(lock, f"megamoe train pid {proc.pid}, started by sweep pid {os.getpid()}")
+        return proc
+    finally:
+        lock.close()  # the child holds its inherited copy of the lock until it exits
+
+
+def _stop_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGTERM (checkpoint and stop) when the sweep process dies; None off Linux."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
+    if prctl is None:
+        return None
+
+    def apply() -> None:  # runs in the child between fork and exec: nothing but system calls here
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return apply
 
 
 def sbatch_script(sweep: Sweep, parallel: int, gpus: int, time_limit: str) -> tuple[str, str]:

@@ -2,12 +2,20 @@
 
 Any checkpoint layout works: the checkpoint is resharded into one plain model on load. Reading an
 export back never unpickles anything (safetensors + JSON).
+
+The folder is written under a hidden temp name next to --out, synced, and renamed, so --out is
+either absent or a complete export: a kill -9 or a full disk leaves no half-written export under
+its name, and the next export to the same --out removes what a killed one left. An existing --out
+is never touched: if it already holds the export of the same checkpoint (a rerun after a kill that
+came just after the rename), there is nothing to do; anything else there is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,7 +30,9 @@ from megamoe.model.layers import Rotary
 from megamoe.train.checkpoint import architecture, latest_checkpoint, load_checkpoint
 from megamoe.train.engine import PlainEngine
 from megamoe.train.run import TOKENIZER_FILE, load_run_config
-from megamoe.utils.fs import atomic_dir, atomic_write_json
+from megamoe.utils.fs import atomic_dir, atomic_write_json, disk_full_reason, remove_dead_temps
+
+log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -39,21 +49,68 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None) -> tuple[Trans
 
 
 def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path:
-    """Write the export folder `out` (which must not exist yet) atomically."""
-    if out.exists():
-        raise MegamoeError(f"--out: {out} already exists; choose a new folder")
+    """Write the export folder `out` atomically (or find it already written from the same checkpoint)."""
+    if _already_exported(out, run_dir, checkpoint):
+        return out
     model, meta = load_run_model(run_dir, checkpoint)
-    with atomic_dir(out) as tmp:
-        weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "megamoe": __version__})
-        atomic_write_json(
-            tmp / CONFIG,
-            {"architecture": "megamoe-decoder", "megamoe_version": __version__, "model": dataclasses.asdict(model.cfg),
-             "moe": dataclasses.asdict(model.moe_cfg), "step": meta["step"], "tokens": meta.get("tokens"),
-             "checkpoint": meta["checkpoint"]},
-        )  # fmt: skip
-        shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+    if _already_exported(out, run_dir, checkpoint):  # again: loading took a while
+        return out
+    for stale in remove_dead_temps(out):
+        log.info("export: removed %s, left by an export that was killed", stale.name)
+    try:
+        with atomic_dir(out) as tmp:
+            _write(model, meta, run_dir, tmp)
+    except Exception as err:  # safetensors reports a full disk with its own error type, not an OSError
+        _explain(err, out)
+        raise
     return out
+
+
+def _already_exported(out: Path, run_dir: Path, checkpoint: Path | None) -> bool:
+    """out holds the complete export of this checkpoint (True); absent (False); anything else is refused."""
+    if not out.exists():
+        return False
+    wanted = checkpoint or latest_checkpoint(run_dir)
+    try:
+        written = Path(json.loads((out / CONFIG).read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None
+    complete = all((out / name).is_file() for name in (WEIGHTS, TOKENIZER_FILE))
+    if wanted is not None and written is not None and complete and written.resolve() == wanted.resolve():
+        log.info("export: %s already holds the export of %s; nothing to do", out, wanted)
+        return True
+    raise MegamoeError(
+        f"--out: {out} already exists and is not the export of {wanted or 'this run'}; "
+        "choose a new folder (an export never replaces one)"
+    )
+
+
+def _write(model: Transformer, meta: dict, run_dir: Path, folder: Path) -> None:
+    """The three files of an export, into folder."""
+    weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    # one metadata key: safetensors writes its metadata map in random order, and two exports of one
+    # checkpoint must be byte-identical (the megamoe version is in config.json)
+    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
+    atomic_write_json(
+        folder / CONFIG,
+        {"architecture": "megamoe-decoder", "megamoe_version": __version__, "model": dataclasses.asdict(model.cfg),
+         "moe": dataclasses.asdict(model.moe_cfg), "step": meta["step"], "tokens": meta.get("tokens"),
+         "checkpoint": meta["checkpoint"]},
+    )  # fmt: skip
+    shutil.copyfile(run_dir / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+
+
+def _explain(err: Exception, out: Path) -> None:
+    """Turn a full disk, or an --out that appeared meanwhile, into one clear error (nothing was kept)."""
+    reason = disk_full_reason(err)
+    if reason:
+        raise MegamoeError(
+            f"--out: {reason} while writing the export {out} (nothing was kept); free space or choose another --out"
+        ) from None
+    if getattr(err, "errno", None) in (errno.EEXIST, errno.ENOTEMPTY) and out.exists():
+        raise MegamoeError(
+            f"--out: {out} was created by someone else during the export; it was left untouched"
+        ) from None
 
 
 def load_exported(folder: Path) -> Transformer:

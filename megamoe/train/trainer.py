@@ -311,6 +311,8 @@ class Trainer:
                 name = preempt.signal_name or "a preemption signal on another rank"
                 log.warning("%s: saved %s; continue with `megamoe train %s --resume`", name, path, self.run_dir)
                 return last_eval, loss, name
+        if not last_eval:  # resumed at the final checkpoint (killed before its summary): metrics.jsonl has it
+            last_eval = self.evaluate()
         return last_eval, loss, None
 
     def _record(self, sinks: MetricSinks | None, metrics: dict[str, float]) -> None:
@@ -345,7 +347,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
-            "train_loss": loss,
+            "train_loss": loss if math.isfinite(loss) else None,  # no step ran: nothing to report
             "seconds": seconds,
             "preempted": preempted,
             "layout": self.groups.layout.describe(),

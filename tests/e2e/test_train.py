@@ -208,7 +208,7 @@ def test_export_round_trip(data_cache, tiny_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(tokens).logits_BLV, trained(tokens).logits_BLV, rtol=0, atol=0)
     res = cli("export", str(run), "--out", str(out), cwd=tmp_path)
-    assert res.returncode == 2 and "already exists" in res.stderr
+    assert res.returncode == 0 and "already holds the export" in res.stderr
 
 
 def test_checkpoint_metadata_is_not_unpickled_freely(data_cache, tiny_data, tmp_path):

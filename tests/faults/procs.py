@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -111,3 +112,74 @@ def all_gone(processes: list[psutil.Process], timeout: float) -> bool:
     """Every one of processes has exited within timeout (no orphan left running)."""
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     return not alive
+
+
+STARTED: list[subprocess.Popen] = []
+"""Every process group a test started; the autouse fixture kills what is left when the test ends."""
+
+
+def group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    """Every process of proc's session (process group) has exited within timeout: no orphan left running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def settled(proc: subprocess.Popen, timeout: float = 10) -> bool:
+    """Every process of proc's group has exited (then it is forgotten: its pgid may be reused)."""
+    gone = group_gone(proc, timeout)
+    if gone and proc in STARTED:
+        STARTED.remove(proc)
+    return gone
+
+
+def launch(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """start() that also records the process for cleanup."""
+    proc = start(cmd, log, **kwargs)
+    STARTED.append(proc)
+    return proc
+
+
+def run(cmd: list[str], log: Path, timeout: float = 180, **kwargs) -> int:
+    """Run cmd to its end (fails the test if it hangs); returns its exit status."""
+    return finish(launch(cmd, log, **kwargs), timeout, log)
+
+
+def finish(proc: subprocess.Popen, timeout: float, log: Path) -> int:
+    """wait() for proc's exit status, then forget its group once it has ended."""
+    status = wait(proc, timeout, log)
+    settled(proc)
+    return status
+
+
+def poll_until(cond, timeout: float) -> bool:
+    """Poll cond until it holds (True) or timeout passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill the filesystem of disk with one file, leaving about `leave` bytes free."""
+    (disk / "filler").unlink(missing_ok=True)
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as fh:
+        fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+
+
+def file_limit(limit: int):
+    """A preexec_fn: RLIMIT_FSIZE = limit bytes, SIGXFSZ ignored, so a larger write fails with EFBIG."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return apply

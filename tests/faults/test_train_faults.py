@@ -19,7 +19,7 @@ import pytest
 
 from megamoe.train.checkpoint import checkpoints_root, latest_checkpoint, list_checkpoints
 from megamoe.train.metrics import read_metrics
-from tests.faults.procs import all_gone, kill_when, megamoe, start, tail, wait, wait_for
+from tests.faults.procs import all_gone, kill_when, launch, megamoe, run, tail, wait, wait_for
 from tests.util import TINY
 
 KILLS = 20
@@ -46,7 +46,7 @@ def train_command(cache: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def run_to_end(cmd: list[str], log: Path, timeout: float = 300) -> None:
     """Run a command that must finish cleanly."""
-    code = wait(start(cmd, log), timeout, log)
+    code = run(cmd, log, timeout)
     assert code == 0, f"exit {code}:\n{tail(log)}"
 
 
@@ -85,14 +85,14 @@ def test_sigkill_at_random_moments_resumes_exactly(data_cache, tiny_data, tmp_pa
     """20 seeded SIGKILLs (a third of them inside checkpoint saves), each followed by rerunning the command."""
     straight, log = tmp_path / "straight", tmp_path / "log.txt"
     began = time.monotonic()
-    proc = start(train_command(data_cache, straight, *RUN), log)
+    proc = launch(train_command(data_cache, straight, *RUN), log)
     wait_for(proc, lambda: steps_logged(straight) > 0, 300)
     startup_s = time.monotonic() - began
     assert wait(proc, 300, log) == 0, tail(log)
 
     run_dir, rng, kills, inside_saves = tmp_path / "killed", random.Random(15), 0, 0
     while kills < KILLS:
-        proc = start(train_command(data_cache, run_dir, *RUN), log)
+        proc = launch(train_command(data_cache, run_dir, *RUN), log)
         moment = KillMoment(rng, run_dir, startup_s)
         killed = kill_when(proc, moment, 300, poll_s=0.001)
         code = wait(proc, 300, log)
@@ -149,7 +149,7 @@ def test_signal_under_torchrun(nproc, who, sig, uninterrupted, data_cache, tmp_p
     and exit, and the rerun, started while they still run, waits on the run dir's lock for them.
     """
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(torchrun_command(nproc, data_cache, run_dir), log)
+    proc = launch(torchrun_command(nproc, data_cache, run_dir), log)
     assert wait_for(proc, lambda: steps_logged(run_dir) >= 4, 300), tail(log)
     launcher = psutil.Process(proc.pid)
     workers = list(ranks(launcher).values())
@@ -159,7 +159,7 @@ def test_signal_under_torchrun(nproc, who, sig, uninterrupted, data_cache, tmp_p
         assert code == 0, tail(log)
     else:
         assert code != 0
-    rerun = start(torchrun_command(nproc, data_cache, run_dir), log)
+    rerun = launch(torchrun_command(nproc, data_cache, run_dir), log)
     assert all_gone(workers, 120), f"ranks left running after the launcher ended:\n{tail(log)}"
     if sig == signal.SIGTERM or who == "launcher":  # the ranks finished their step and saved there
         assert "saved" in log.read_text(), tail(log)

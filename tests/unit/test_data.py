@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_given_tokenizer_is_used(tmp_path, tiny_data):
             r"data.path: .*one.jsonl has 1 usable non-empty documents; need at least 2",
         ),
         ("odd_ext", ["data.path={tmp}/corpus.dat"], r"data.format: cannot tell the format of .*corpus.dat"),
-        ("numbers", ["data.path={tmp}/nums.jsonl"], r"data.text_field: column 'text' of .*nums.jsonl holds"),
+        ("numbers", ["data.path={tmp}/nums.jsonl"], r"data.path: .*nums.jsonl:1: 'text' is a number \(1\); expected a"),
         (None, ["data.tokenizer={tmp}/nope.json"], r"data.tokenizer: tokenizer file .*nope.json not found"),
         ("bad_tok", ["data.tokenizer={tmp}/tok.json"], r"data.tokenizer: .*tok.json is not a valid tokenizer.json"),
     ],
@@ -209,3 +210,123 @@ def test_concurrent_prepare_builds_once(tmp_path, order):
     assert len(roots) == 1
     entries = [p for p in (tmp_path / "c" / "data").iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "extra", "match"),
+    [
+        (
+            "x.jsonl",
+            '{"text": "a b"}\n{"text": "c d" "x": 1}\n',
+            [],
+            r"^data.path: \S*x.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 16\)$",
+        ),
+        ("x.jsonl", '{"text": "a b"}\n\n[1, 2]\n', [], r"x.jsonl:3: not a JSON object \(found an array \[1, 2\]\)"),
+        ("x.jsonl", '{"text": "a b"}\n"just text"\n', [], r"x.jsonl:2: not a JSON object \(found a string"),
+        (
+            "x.jsonl",
+            '{"text": "a b"}\n{"body": "c"}\n',
+            [],
+            r"x.jsonl:2: no 'text' field \(data.text_field; fields here: 'body'\)",
+        ),
+        ("x.jsonl", '{"text": "a b"}\n{"text": null}\n', [], r"x.jsonl:2: 'text' is null; expected a string"),
+        (
+            "x.jsonl",
+            '{"text": "a b"}\n{"text": "c"}\n{"text": 7}\n',
+            [],
+            r"x.jsonl:3: 'text' is a number \(7\); expected a string",
+        ),
+        (
+            "x.jsonl",
+            '{"text": "a", "d": "x"}\n{"text": "b"}\n',
+            ["data.domain_field=d"],
+            r"x.jsonl:2: no 'd' field \(data.domain_field",
+        ),
+        (
+            "x.json",
+            '[{"text": "a"},\n {"text": "b"} {"text": "c"}]\n',
+            [],
+            r"x.json:2: not valid JSON \(Expecting ',' delimiter at column 16\)",
+        ),
+        (
+            "x.json",
+            '[{"text": "a"}, {"text": "b"}, {"body": "c"}]',
+            [],
+            r"x.json: record 3 of the top-level list: no 'text' field",
+        ),
+        ("x.json", '{"text": "a"}\n{"text": 5}\n', [], r"x.json:2: 'text' is a number \(5\); expected a string"),
+    ],
+)
+def test_malformed_json_names_file_and_line(tmp_path, name, text, extra, match):
+    """One clear error naming the file, the line (or record) and what is wrong, and nothing left in the cache."""
+    (tmp_path / name).write_text(text)
+    cfg = load_config(None, [f"data.path={tmp_path / name}", f"data.cache_dir={tmp_path / 'c'}", *extra])
+    with pytest.raises(DataError, match=match) as info:
+        prepare_data(cfg.data, progress=False)
+    assert "\n" not in str(info.value)
+    assert not [p for p in (tmp_path / "c" / "data").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_bad_utf8_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "a b"}\n{"text": "caf\xe9"}\n')
+    cfg = load_config(None, [f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid UTF-8 \(byte 14 of the line\)"):
+        prepare_data(cfg.data, progress=False)
+
+
+def test_good_records_pass_the_scan(tmp_path):
+    """The scanner accepts what datasets accepts: blank lines, extra fields, nulls in other fields."""
+    from megamoe.data.diagnose import first_bad_json, first_bad_line
+
+    rows = [{"text": f"doc {i}", "n": i, "meta": None if i % 2 else {"k": i}} for i in range(5)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert first_bad_line(good, "text") is None
+    listed = tmp_path / "good.json"
+    listed.write_text(json.dumps(rows, indent=1))
+    assert first_bad_json(listed, "text") is None
+
+
+def test_dead_temps_are_removed_and_live_ones_kept(tmp_path):
+    """remove_dead_temps takes a temp dir whose writer is gone, never a live writer's or another result's."""
+    from megamoe.utils.fs import atomic_dir, remove_dead_temps
+
+    final = tmp_path / "result"
+    dead = tmp_path / ".result.tmp-999999-deadbeef"
+    dead.mkdir()
+    (dead / "half").write_text("half-written by a killed writer")
+    other = tmp_path / ".other.tmp-1-abc"
+    other.mkdir()
+    with atomic_dir(final) as live:
+        assert remove_dead_temps(final) == [dead]
+        assert live.is_dir() and other.is_dir()
+        (live / "f").write_text("done")
+    assert (final / "f").read_text() == "done" and not live.exists()
+
+
+def _chained() -> Exception:
+    try:
+        raise OSError(errno.EFBIG, "File too large")
+    except OSError as err:
+        try:
+            raise ValueError("wrapped") from err
+        except ValueError as outer:
+            return outer
+
+
+@pytest.mark.parametrize(
+    ("err", "reason"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+        (Exception("No space left on device (os error 28)"), "no space left on device"),  # tokenizers
+        (_chained(), "file too large"),
+        (OSError(errno.ENOENT, "No such file or directory"), None),
+    ],
+)
+def test_disk_full_reason(err, reason):
+    from megamoe.utils.fs import disk_full_reason
+
+    found = disk_full_reason(err)
+    assert found is None if reason is None else reason in found

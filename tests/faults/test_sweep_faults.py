@@ -1,0 +1,197 @@
+"""`megamoe sweep SWEEP.yaml --parallel 1` under kill -9 at seeded moments, rerun each time as it was.
+
+The rerun skips finished runs and resumes interrupted ones from their checkpoints; at the end,
+`--collect` gives the same final losses as an uninterrupted sweep, and every run's logged
+training curve is the uninterrupted one (no step logged twice, none missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.faults.procs import kill_when, launch, megamoe, poll_until, run, settled, tail
+from tests.util import TINY
+
+RUNS = ("dense-seed1", "dense-seed2")
+STEPS = 6
+"""Steps of each run: a checkpoint and an evaluation every 2."""
+
+
+def write_sweep(path: Path, out: Path, data_cache: Path, steps: int = STEPS) -> Path:
+    """Two tiny runs (seeds 1, 2) of `steps` steps, a checkpoint and an evaluation every 2."""
+    overrides = [
+        *TINY, f"data.cache_dir={data_cache}", f"train.max_steps={steps}", "train.checkpoint_interval=2",
+        "train.eval_interval=2", "optim.warmup_steps=1",
+    ]  # fmt: skip
+    spec = {"name": "s", "out": str(out), "overrides": overrides, "variants": {"dense": []}, "seeds": [1, 2]}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def results(root: Path) -> dict[str, dict]:
+    """results.csv of a collected sweep: run → row."""
+    with open(root / "s" / "results.csv") as fh:
+        return {row["run"]: row for row in csv.DictReader(fh)}
+
+
+def curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train loss) of every logged step, in file order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["train/loss"]) for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def check_after_kill(root: Path) -> None:
+    """What a kill may leave: complete checkpoints only under step_N names, and readable summaries."""
+    for name in RUNS:
+        run_dir = root / "s" / name
+        for ckpt in (run_dir / "checkpoints").glob("step_*") if (run_dir / "checkpoints").is_dir() else []:
+            assert (ckpt / "meta.json").is_file() or ckpt.name.endswith(".invalid"), f"{ckpt} is half-written"
+        if (run_dir / "summary.json").exists():
+            json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_kill9_during_sweep_then_rerun_resumes_and_collects_the_same(data_cache, tiny_data, tmp_path):
+    """Four SIGKILLs to the sweep's process group, each during a rerun of the one before; then a last rerun.
+
+    Each kill comes a seeded random delay after a (seeded) point of progress of its attempt
+    (start-up takes most of a tiny run's time, so plain offsets would all land there): after run 1
+    logs step 1 (before its first checkpoint), after it logs step k (training, checkpointing),
+    after the start of run 2 (the switch, start-up), after run 2 logs step k'. Then the last run's
+    summary.json is removed, the state a kill between its last checkpoint and its summary leaves
+    (too short a window to hit by polling), and the sweep is rerun once more.
+    """
+    ref_root, root, log = tmp_path / "ref", tmp_path / "killed", tmp_path / "sweep.log"
+    ref = write_sweep(tmp_path / "ref.yaml", ref_root, data_cache)
+    assert run(megamoe("sweep", str(ref), "--parallel", "1"), log, timeout=600) == 0, tail(log)
+    assert run(megamoe("sweep", str(ref), "--collect"), log) == 0, tail(log)
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
+    run1, run2 = (root / "s" / name for name in RUNS)
+    rng = random.Random(5)
+    k1, k2 = rng.randint(2, STEPS - 1), rng.randint(1, STEPS - 1)
+    anchors = [  # (condition on the attempt's progress, seeded delay after it first holds)
+        (lambda seen: _logged_step(run1) >= 1, rng.uniform(0, 0.05)),  # mostly before its first checkpoint
+        (lambda seen: _logged_step(run1) >= k1, rng.uniform(0, 0.1)),
+        (lambda seen: f"start {RUNS[1]}" in _text(log)[seen:], rng.uniform(0, 3.0)),
+        (lambda seen: _logged_step(run2) >= k2, rng.uniform(0, 0.1)),
+    ]
+    hits = []
+    for anchor, delay in anchors:
+        before, seen = {name: _state(root / "s" / name) for name in RUNS}, len(_text(log))
+        proc = launch(sweep, log)
+        killed = kill_when(proc, _after(lambda a=anchor, s=seen: a(s), delay), 600)
+        proc.wait()
+        assert settled(proc), "a training run outlived the killed sweep"
+        _check_skips_and_resumes(log, seen, before)
+        check_after_kill(root)
+        hits.append((round(delay, 2) if killed else "finished first", {n: _state(root / "s" / n) for n in RUNS}))
+    assert sum(delay != "finished first" for delay, _ in hits) >= 3, hits
+    for lose_summary in (False, True):  # the last rerun; then one after run 2 lost its summary
+        if lose_summary:
+            (run2 / "summary.json").unlink()
+        before, seen = {name: _state(root / "s" / name) for name in RUNS}, len(_text(log))
+        assert run(sweep, log, timeout=600) == 0, tail(log)
+        _check_skips_and_resumes(log, seen, before)
+    assert before == {RUNS[0]: "done", RUNS[1]: "resume"}
+    assert {name: _state(root / "s" / name) for name in RUNS} == dict.fromkeys(RUNS, "done")
+    assert run(megamoe("sweep", str(tmp_path / "s.yaml"), "--collect"), log) == 0, tail(log)
+    print("kills (delay after the anchor, states after):", hits)
+    got, want = results(root), results(ref_root)
+    assert sorted(got) == sorted(want) == sorted(RUNS)
+    for name in RUNS:
+        assert (got[name]["step"], got[name]["eval_loss"]) == (want[name]["step"], want[name]["eval_loss"]), name
+        assert curve(root / "s" / name) == curve(ref_root / "s" / name), f"{name}: the logged curve differs"
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The last step a run has logged (0 before any)."""
+    steps = [0]
+    for line in _text(run_dir / "metrics.jsonl").splitlines():
+        with contextlib.suppress(ValueError, KeyError):  # a line being written
+            steps.append(json.loads(line)["step"])
+    return max(steps)
+
+
+def _after(anchor, delay: float):
+    """A kill_when condition: `delay` seconds after anchor() first held."""
+    since: list[float] = []
+
+    def ready() -> bool:
+        if not since and anchor():
+            since.append(time.monotonic())
+        return bool(since) and time.monotonic() - since[0] >= delay
+
+    return ready
+
+
+def _state(run_dir: Path, steps: int = STEPS) -> str:
+    """done / resume / new, as the sweep will see it (from the files alone)."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("step", -1) >= steps:
+        return "done"
+    return "resume" if list((run_dir / "checkpoints").glob("step_*/meta.json")) else "new"
+
+
+def _check_skips_and_resumes(log: Path, seen: int, before: dict[str, str]) -> None:
+    """What the last sweep printed (after character `seen` of its log): finished runs skipped, others resumed."""
+    out = _text(log)[seen:]
+    if "sweep s: " not in out:
+        return  # killed before it said anything
+    out = out.split("sweep s: ", 1)[1]
+    done = sum(state == "done" for state in before.values())
+    assert out.startswith(f"2 runs, {done} done, {2 - done} to run"), out[:200]
+    for name, state in before.items():
+        if state == "done":
+            assert f"start {name}" not in out, f"{name} was finished but started again"
+        elif f"start {name}" in out:
+            assert f"start {name} ({state})" in out, out[:400]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_process_takes_its_training_run_with_it(data_cache, tiny_data, tmp_path):
+    """SIGKILL to the sweep process alone (not its group): its `megamoe train` saves a checkpoint and stops.
+
+    Before, the run trained on to its end as an orphan, beside any rerun of the sweep.
+    """
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache, steps=1000)), "--parallel", "1")
+    proc = launch(sweep, log)
+    run_dir = root / "s" / RUNS[0]
+    assert poll_until(lambda: "step 3/1000" in _text(root / "s" / "logs" / f"{RUNS[0]}.log"), 300), tail(log)
+    proc.send_signal(signal.SIGKILL)  # the sweep process only; its training child is left to its own devices
+    proc.wait()
+    assert settled(proc, 60), "the training run trained on as an orphan after its sweep was killed"
+    assert _state(run_dir, steps=1000) == "resume", "the stopped run saved no checkpoint"
+    assert "SIGTERM" in _text(root / "s" / "logs" / f"{RUNS[0]}.log")
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+@pytest.mark.slow
+def test_a_second_sweep_waits_for_a_run_in_progress_and_says_so(data_cache, tiny_data, tmp_path):
+    """A run whose lock is held (by another sweep's training process) is not started twice; the wait is announced."""
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
+    lock = root / "s" / "logs" / f"{RUNS[0]}.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as held:  # what the other sweep's training process holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("megamoe train pid 4242, started by sweep pid 4241\n")
+        held.flush()
+        launch(sweep, log)  # killed by the _no_orphans fixture once it has started the run
+        assert poll_until(lambda: "waiting" in tail(log), 120), tail(log)
+        assert f"for {RUNS[0]}: another sweep is running it (megamoe train pid 4242, started by" in tail(log)
+        assert f"start {RUNS[0]}" not in tail(log)
+    assert poll_until(lambda: f"start {RUNS[0]} (new)" in tail(log), 60), tail(log)
