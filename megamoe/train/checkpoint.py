@@ -14,9 +14,10 @@ every rank's shards are in and fsynced, so a kill, a full disk or a preemption m
 corrupts the newest good one; the next save removes what a killed writer left. Old checkpoints are
 pruned by renaming them to a hidden temp name first, so a kill mid-prune leaves no half-deleted
 checkpoint under a `step_N` name. Weights that are not finite are never saved.
-`latest_checkpoint` ignores anything without meta.json; resuming picks the newest *valid* one
-(`resume_candidates`, `problem`): a truncated or unreadable checkpoint is set aside as
-`step_N.invalid` with a warning, kept for inspection. Loading never unpickles arbitrary objects:
+`meta.json` records every file's size and CRC-32. `latest_checkpoint` ignores anything without
+meta.json; resuming picks the newest *valid* one (`resume_candidates`, `problem`, `checksum_problem`):
+a truncated, unreadable or altered checkpoint is set aside as `step_N.invalid` with a warning, kept
+for inspection. Loading never unpickles arbitrary objects:
 tensors are read with weights_only=True, and DCP's .metadata file with an allowlisting unpickler.
 """
 
@@ -47,7 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megamoe.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
 from megamoe.train.dist import any_rank, barrier, from_main, gather, is_main
-from megamoe.utils.fs import atomic_write_json, remove_stale_temps
+from megamoe.utils.fs import atomic_write_json, fsync_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -141,15 +142,6 @@ def _file_sums(folder: Path) -> dict[str, list[int]]:
     return {name: [(folder / name).stat().st_size, _crc32(folder / name)] for name in names}
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside path durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints; each is first renamed to a hidden temp name."""
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -196,7 +188,7 @@ def save_checkpoint(
             record = {**meta, "step": step, "format_version": FORMAT_VERSION, "files": files}
             atomic_write_json(tmp / "meta.json", record)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             _prune(run_dir, keep)
     finally:
         if main and tmp.exists():
@@ -326,8 +318,8 @@ def checksum_problem(path: Path) -> str | None:
     """A file whose CRC-32 differs from the one recorded at save time (collective: each rank reads a share)."""
     files = sorted(read_meta(path).get("files", {}).items())
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    bad = [name for name, (_, crc) in files[rank::world] if _crc32(path / name) != crc]
-    return next((f"{found[0]} fails its checksum" for found in gather(bad) if found), None)
+    bad = [name for name, (_, crc) in files[rank::world] if not (path / name).is_file() or _crc32(path / name) != crc]
+    return next((f"{found[0]} is missing or fails its checksum" for found in gather(bad) if found), None)
 
 
 def set_aside(path: Path, why: str, kind: str = "invalid") -> Path:

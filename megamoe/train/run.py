@@ -12,7 +12,15 @@ from megamoe.config import Config, load_config, save_config
 from megamoe.config.resolve import with_vocab
 from megamoe.data import PreparedData, prepare_data
 from megamoe.errors import CheckpointError, MegamoeError
-from megamoe.train.checkpoint import checkpoints_root, latest_checkpoint, resume_candidates, set_aside, step_dir
+from megamoe.train.checkpoint import (
+    PREFIX,
+    checkpoints_root,
+    latest_checkpoint,
+    list_checkpoints,
+    read_meta,
+    resume_candidates,
+    set_aside,
+)
 from megamoe.train.dist import barrier, from_main, is_main, on_main
 from megamoe.utils.fs import remove_stale_temps
 from megamoe.utils.locks import hold_for_life
@@ -66,11 +74,9 @@ def _prepare_once(cfg: Config, progress: bool) -> PreparedData:
 
 def _explicit(run_dir: Path, path: Path) -> list[Path]:
     """--resume-from PATH: that checkpoint; this run's later ones are set aside (rank 0)."""
-    from megamoe.train.checkpoint import list_checkpoints, read_meta
-
     step = int(read_meta(path)["step"])
     for later in list_checkpoints(run_dir):
-        if later.resolve() != path.resolve() and later.resolve() > step_dir(run_dir, step).resolve():
+        if int(later.name.removeprefix(PREFIX)) > step:
             set_aside(later, f"newer than --resume-from {path}", "superseded")
     return [path]
 

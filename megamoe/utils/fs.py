@@ -54,7 +54,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)  # the data is on disk before the name says it is complete
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,12 +123,12 @@ def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under folder (so a power loss after a rename finds complete files)."""
     for root, _, names in os.walk(folder):
         for name in names:
-            _fsync_path(Path(root, name))
-        _fsync_path(Path(root))
+            fsync_path(Path(root, name))
+        fsync_path(Path(root))
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync one file or folder."""
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder: so a rename inside it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
