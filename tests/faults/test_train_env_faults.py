@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megamoe.train.checkpoint import checkpoints_root, list_checkpoints, problem
+from tests.distributed.parity import read_state
 from tests.faults.procs import REPO, env, file_limit, fill, kill_when, launch, run, tail, wait
 from tests.faults.test_train_faults import losses, torchrun_command, train_command
 
@@ -85,3 +87,22 @@ def test_bad_config_under_plain_torchrun_prints_once(data_cache, tmp_path):
     res = subprocess.run([*plain, "optim.lr=-1"], env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert res.stderr.count("megamoe: error: optim.lr: must be > 0, got -1.0") == 1, res.stderr
+
+
+@pytest.mark.slow
+def test_diverging_run_under_torchrun_stops_on_every_rank(data_cache, tiny_data, tmp_path):
+    """dp2, lr 1e30 without clipping: the ranks agree on the first non-finite gradient norm, all stop with
+    exit 3 at the same step, the error is printed once, and every checkpoint kept holds finite weights."""
+    run_dir = tmp_path / "run"
+    args = ["optim.lr=1e30", "optim.grad_clip=0", "train.checkpoint_interval=1", "train.max_steps=30"]
+    cmd = torchrun_command(2, data_cache, run_dir)
+    res = subprocess.run([*cmd, *args], env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("megamoe: error")]
+    assert len(errors) == 1 and "non-finite gradient norm" in errors[0], res.stderr[-3000:]
+    # the first rank out exits 3; torchrun may SIGTERM the other while it tears down after the same verdict
+    assert "rank 0 " in res.stderr and "failed with exit code 3" in res.stderr
+    saved = list_checkpoints(run_dir)
+    assert saved and str(saved[-1]) in errors[0]
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in read_state(run_dir, path).params.values()), path
