@@ -14,6 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slurm", action="store_true", help="submit one SLURM array job (launch/sweep_array.sbatch)")
     p.add_argument("--gpus", type=int, default=8, help="--slurm: GPUs per run")
     p.add_argument("--time", default="24:00:00", help="--slurm: time limit per run")
+    p.add_argument(
+        "--sbatch-arg", action="append", default=[], metavar="OPTION",
+        help="--slurm: an sbatch option overriding the script's #SBATCH lines (repeatable), e.g. --cpus-per-task=4",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state (with --slurm: the sbatch)")
     p.add_argument("--collect", action="store_true", help="gather final metrics into results.csv/.md and curves.png")
     p.set_defaults(func=run)
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 f"# {sweep.root / 'runs.txt'}:\n" + "".join(f"#   {line}\n" for line in runs_text.splitlines()), end=""
             )
             return 0
-        print(submit(sweep, script, runs_text))
+        print(submit(sweep, script, runs_text, args.sbatch_arg))
         return 0
     if args.dry_run:
         for r in sweep.runs:

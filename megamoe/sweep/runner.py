@@ -125,8 +125,12 @@ def sbatch_script(sweep: Sweep, parallel: int, gpus: int, time_limit: str) -> tu
     return script, lines
 
 
-def submit(sweep: Sweep, script: str, runs_text: str) -> str:
-    """Write the runs file and the script under the sweep root, then sbatch it; returns sbatch's output."""
+def submit(sweep: Sweep, script: str, runs_text: str, options: list[str] | None = None) -> str:
+    """Write the runs file and the script under the sweep root, then sbatch it; returns sbatch's output.
+
+    options: sbatch command-line options; they override the script's #SBATCH lines (a CPU node:
+    --gpus-per-node=0 --cpus-per-task=N).
+    """
     from megamoe.errors import MegamoeError
 
     (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
@@ -134,7 +138,7 @@ def submit(sweep: Sweep, script: str, runs_text: str) -> str:
     path = sweep.root / "sweep.sbatch"
     path.write_text(script)
     try:
-        out = subprocess.run(["sbatch", str(path)], capture_output=True, text=True, check=True)
+        out = subprocess.run(["sbatch", *(options or []), str(path)], capture_output=True, text=True, check=True)
     except FileNotFoundError:
         raise MegamoeError("--slurm: sbatch not found; run on a SLURM login node, or use --dry-run") from None
     except subprocess.CalledProcessError as err:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -94,14 +93,3 @@ def wait_until(what: str, ready: Callable[[], bool], timeout: float, jobs: list[
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnostics(jobs, logs)}")
         time.sleep(0.2)
-
-
-def sbatch_wrapper(folder: Path, *options: str) -> Path:
-    """A folder holding an `sbatch` that adds command-line options (they override #SBATCH lines)."""
-    real = shutil.which("sbatch")
-    assert real is not None
-    folder.mkdir(parents=True, exist_ok=True)
-    wrapper = folder / "sbatch"
-    wrapper.write_text(f'#!/bin/sh\nexec {real} {" ".join(options)} "$@"\n')
-    wrapper.chmod(0o755)
-    return folder

@@ -28,7 +28,6 @@ from tests.slurm.cluster import (
     job_info,
     logged_steps,
     run,
-    sbatch_wrapper,
     wait_until,
 )
 from tests.util import TINY, single_process_trainer, tiny_config
@@ -160,13 +159,10 @@ def test_sweep_array_preempt_requeue_resume(slurm, data_cache, reference, tmp_pa
             "overrides": [*TINY, f"data.cache_dir={data_cache}", *RUN]}  # fmt: skip
     path = tmp_path / "sweep.yaml"
     path.write_text(json.dumps(spec))
-    # The array script asks for GPUs and 16 CPUs per run; sbatch has no environment variable for
-    # --cpus-per-task, so an `sbatch` first on PATH adds the CPU-node options to the real one's command line.
-    wrapper = sbatch_wrapper(tmp_path / "bin", "--gpus-per-node=0", "--cpus-per-task=1")
-    env = job_env()
-    env["PATH"] = f"{wrapper}:{env['PATH']}"
+    # The array script asks for GPUs and 16 CPUs per run: override both for this CPU node.
+    env, cpu_node = job_env(), ["--sbatch-arg=--gpus-per-node=0", "--sbatch-arg=--cpus-per-task=1"]
     out = run(env["PYTHON"], "-m", "megamoe", "sweep", str(path), "--slurm", "--parallel", "3", "--gpus", "1",
-              "--time", "30:00", env=env, cwd=tmp_path)  # fmt: skip
+              "--time", "30:00", *cpu_node, env=env, cwd=tmp_path)  # fmt: skip
     array = re.search(r"Submitted batch job (\d+)", out).group(1)
     jobs.append(array)
     sweep = load_sweep(path)
