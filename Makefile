@@ -21,7 +21,7 @@ STAMP := $(VENV)/.megamoe-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-isa lint bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ train: install
 test: install
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
+
+# The suite under the other CPU kernel families this machine can select (AVX2, AVX-512 without AMX,
+# SSE4.2): CI machines differ in CPU and fp32 results depend on the kernels (docs/reliability.md).
+test-isa: install
+	tools/test_isa.sh $(FAMILIES) -- $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
