@@ -8,6 +8,7 @@ differs between layouts sits behind ParallelGroups, the layer factory and the en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -273,11 +274,8 @@ class Trainer:
         )  # fmt: skip
         started = time.perf_counter()
         try:
-            if preempt is None:
-                with PreemptionFlag() as own:
-                    last_eval, loss, stopped = self._loop(sinks, bar, own)
-            else:
-                last_eval, loss, stopped = self._loop(sinks, bar, preempt)
+            with PreemptionFlag() if preempt is None else contextlib.nullcontext(preempt) as flag:
+                last_eval, loss, stopped = self._loop(sinks, bar, flag)
         finally:
             bar.close()
             if sinks is not None:
