@@ -205,8 +205,9 @@ class Trainer:
         path = self.save(self.last_loss)
         raise NonFiniteError(
             f"{what}: update skipped, training stopped ({self.bad_in_a_row} in a row; "
-            f"train.max_nonfinite_steps={limit}); the newest good checkpoint is {path} "
-            "(resume from it with a lower optim.lr, or set train.max_nonfinite_steps to skip bad steps)"
+            f"train.max_nonfinite_steps={limit}); the newest checkpoint with finite weights is {path} "
+            "(the state before this step; if training had diverged before it, resume an older one with "
+            "--resume-from and a lower optim.lr, or set train.max_nonfinite_steps to skip bad steps)"
         )
 
     def _dense_warmup(self) -> None:
