@@ -7,12 +7,12 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 ifeq ($(HAS_CUDA),1)
   # GPU hosts (NGC images): reuse the image's CUDA torch; faiss-gpu instead of faiss-cpu.
   VENV_FLAGS ?= --system-site-packages
-  EXTRAS ?= dev,gpu
+  EXTRAS ?= dev,gpu,hf,eval
   TORCH_PIN ?=
   CONSTRAINTS ?=
 else
   VENV_FLAGS ?=
-  EXTRAS ?= dev,cpu
+  EXTRAS ?= dev,cpu,hf,eval
   TORCH_PIN ?= torch==2.13.0
   CONSTRAINTS ?= -c constraints/cpu.txt
 endif

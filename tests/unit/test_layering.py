@@ -1,4 +1,4 @@
-"""Imports point one way: kernels → ops → model → parallel → train → sweep → cli (DESIGN.md §3)."""
+"""Imports point one way: kernels → ops → model → parallel → train → sweep, interop → cli (DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LEVEL = {
     "errors": 0, "utils": 1, "config": 2, "megamoe_kernels": 2,
-    "ops": 3, "model": 4, "data": 4, "parallel": 5, "analysis": 6, "train": 6, "sweep": 7, "cli": 8,
+    "ops": 3, "model": 4, "data": 4, "parallel": 5, "analysis": 6, "train": 6, "sweep": 7, "interop": 7, "cli": 8,
 }  # fmt: skip
 FORBIDDEN = {
     "megamoe_kernels": ("torch.nn", "megamoe"),
