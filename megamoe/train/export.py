@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,8 +49,15 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None) -> tuple[Trans
     return model.eval(), {**meta, "checkpoint": str(path)}
 
 
-def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path:
-    """Write the export folder `out` atomically (or find it already written from the same checkpoint)."""
+Writer = Callable[[Transformer, dict, Path, Path], None]
+"""write(model, checkpoint meta, run dir, folder): the files of one export format, into folder."""
+
+
+def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None, write: Writer | None = None) -> Path:
+    """Write the export folder `out` atomically (or find it already written from the same checkpoint).
+
+    write: the format's writer (default: megamoe's own layout); its config.json records the checkpoint.
+    """
     if _already_exported(out, run_dir, checkpoint):
         return out
     model, meta = load_run_model(run_dir, checkpoint)
@@ -59,7 +67,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path
         log.info("export: removed %s, left by an export that was killed", stale.name)
     try:
         with atomic_dir(out) as tmp:
-            _write(model, meta, run_dir, tmp)
+            (write or _write)(model, meta, run_dir, tmp)
     except Exception as err:  # safetensors reports a full disk with its own error type, not an OSError
         _explain(err, out)
         raise
@@ -72,10 +80,12 @@ def _already_exported(out: Path, run_dir: Path, checkpoint: Path | None) -> bool
         return False
     wanted = checkpoint or latest_checkpoint(run_dir)
     try:
-        written = Path(json.loads((out / CONFIG).read_text())["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads((out / CONFIG).read_text())
+        written = Path(config.get("megamoe_export", config)["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         written = None
-    complete = all((out / name).is_file() for name in (WEIGHTS, TOKENIZER_FILE))
+    weights = (out / WEIGHTS).is_file() or (out / f"{WEIGHTS}.index.json").is_file()
+    complete = weights and (out / TOKENIZER_FILE).is_file()
     if wanted is not None and written is not None and complete and written.resolve() == wanted.resolve():
         log.info("export: %s already holds the export of %s; nothing to do", out, wanted)
         return True

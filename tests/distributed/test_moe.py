@@ -87,6 +87,7 @@ def test_dropless_training_matches_single_process(name, moe_reference, data_cach
     assert_layout_matches(run_dir, moe_reference, KEYS)
     if name == "ep2-tp2":
         check_export(run_dir, moe_reference["params"], tmp_path / "export")
+        check_hf_export(run_dir, moe_reference["run_dir"], tmp_path)
 
 
 def check_export(run_dir, reference_params: dict, out):
@@ -105,6 +106,36 @@ def check_export(run_dir, reference_params: dict, out):
         logits = exported.eval()(tokens).logits_BLV
         torch.testing.assert_close(logits, checkpoint_model(tokens).logits_BLV, rtol=0, atol=0)
         torch.testing.assert_close(logits, reference.eval()(tokens).logits_BLV, rtol=0, atol=1e-4)
+
+
+def check_hf_export(run_dir, reference_run, tmp_path):
+    """The transformers export of a sharded run is the single-process run's folder: the same files, config,
+    tensor names, shapes and dtypes (the values are each run's own), and its logits are the checkpoint's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from megamoe.interop.hf_export import export_hf
+    from megamoe.train.export import load_run_model
+    from tests.interop.test_export import REL_TOL, rel_error
+
+    sharded, single = export_hf(run_dir, tmp_path / "hf-sharded").out, export_hf(reference_run, tmp_path / "hf-one").out
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (sharded / name).read_bytes() == (single / name).read_bytes(), name
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (sharded, single)]
+    for config in configs:
+        config["megamoe_export"].pop("checkpoint")
+    assert configs[0] == configs[1]
+    tensors = []
+    for folder in (sharded, single):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            tensors.append({k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()})  # noqa: SIM118
+    assert tensors[0] == tensors[1]
+    hf = AutoModelForCausalLM.from_pretrained(sharded).eval()
+    model, _ = load_run_model(run_dir)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_error(hf(tokens).logits, model(tokens).logits_BLV) <= REL_TOL
 
 
 FAMILIES = {
