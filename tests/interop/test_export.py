@@ -174,3 +174,7 @@ def test_remote_code_on_request_and_rerun(data_cache, tiny_data, tmp_path):
     tokens_BL = held_out_tokens(tiny_data, model.cfg.seq_len)
     with torch.no_grad():
         assert torch.equal(hf(tokens_BL).logits, model(tokens_BL).logits_BLV)
+        padded_BL = torch.ones_like(tokens_BL)
+        padded_BL[0, 0] = 0
+        with pytest.raises(ValueError, match="no attention mask"):
+            hf(tokens_BL, attention_mask=padded_BL)
