@@ -28,9 +28,9 @@ def trained_run(tmp_path_factory, data_cache, tiny_data):
     return run_dir
 
 
-def export(run_dir: Path, out: Path) -> list[str]:
+def export(run_dir: Path, out: Path, fmt: str = "megamoe") -> list[str]:
     """The `megamoe export` command line."""
-    return megamoe("export", str(run_dir), "--out", str(out))
+    return megamoe("export", str(run_dir), "--out", str(out), "--format", fmt)
 
 
 def temps_of(out: Path) -> list[str]:
@@ -49,11 +49,14 @@ def stage(out: Path) -> str:
 
 
 @pytest.mark.slow
-def test_kill9_during_export_then_rerun(trained_run, tmp_path):
-    """SIGKILL at 3 seeded moments over an export's duration and at 2 chosen stages; each rerun finishes."""
+@pytest.mark.parametrize("fmt", ["megamoe", "hf"])
+def test_kill9_during_export_then_rerun(fmt, trained_run, tmp_path):
+    """SIGKILL at 3 seeded moments over an export's duration and at 2 chosen stages; each rerun finishes.
+
+    Both formats are byte-reproducible (transformers' save_pretrained included), so digests compare."""
     good, out, log = tmp_path / "good", tmp_path / "out", tmp_path / "export.log"
     started = time.monotonic()
-    assert run(export(trained_run, good), log) == 0, tail(log)
+    assert run(export(trained_run, good, fmt), log) == 0, tail(log)
     duration = time.monotonic() - started
     ref = digest(good)
     readies = [lambda t0, t=t: time.monotonic() - t0 >= t for t in moments(3, 3, duration)]
@@ -61,14 +64,14 @@ def test_kill9_during_export_then_rerun(trained_run, tmp_path):
     hits = []
     for ready in readies:
         t0 = time.monotonic()
-        proc = launch(export(trained_run, out), log)
+        proc = launch(export(trained_run, out, fmt), log)
         killed = kill_when(proc, lambda r=ready, t=t0: r(t), 120)
         proc.wait()
         assert settled(proc)
         hits.append(stage(out) if killed else "finished first")
         assert not out.exists() or digest(out) == ref, f"a half-written export under its final name ({hits[-1]})"
         assert digest(good) == ref
-        assert run(export(trained_run, out), log) == 0, tail(log)
+        assert run(export(trained_run, out, fmt), log) == 0, tail(log)
         assert digest(out) == ref and temps_of(out) == [], f"after a kill at '{hits[-1]}': {temps_of(out)}"
         shutil.rmtree(out)
     print("stages hit:", hits)
@@ -92,20 +95,21 @@ def test_an_existing_folder_is_never_touched(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_during_export(trained_run, tmp_path, small_disk):
+@pytest.mark.parametrize("fmt", ["megamoe", "hf"])
+def test_full_disk_during_export(fmt, trained_run, tmp_path, small_disk):
     """No room for the weights (a full tmpfs, else a file-size limit): one clear line, exit 2, nothing kept."""
     disk = small_disk or tmp_path / "disk"
     out, log = disk / "model", tmp_path / "export.log"
     reason = "no space left on device" if small_disk else "file too large"
     if small_disk:
         fill(disk, 1 << 20)
-        rc = run(export(trained_run, out), log)
+        rc = run(export(trained_run, out, fmt), log)
     else:
-        rc = run(export(trained_run, out), log, preexec_fn=file_limit(1 << 20))
+        rc = run(export(trained_run, out, fmt), log, preexec_fn=file_limit(1 << 20))
     text = log.read_text()
     errors = [line for line in text.splitlines() if line.startswith("megamoe: error:")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
     assert reason in errors[0] and str(out) in errors[0] and "nothing was kept" in errors[0], errors[0]
     assert not out.exists() and temps_of(out) == []
     (disk / "filler").unlink(missing_ok=True)
-    assert run(export(trained_run, out), log) == 0, tail(log)
+    assert run(export(trained_run, out, fmt), log) == 0, tail(log)
