@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cmd,
         export_cmd,
         generate_cmd,
+        import_cmd,
         sweep_cmd,
         train_cmd,
     )
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     config_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    import_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     analyze_cmd.add_parser(sub)

@@ -41,6 +41,8 @@ class ModelConfig:
     """Share the input embedding matrix with the output (LM head) projection."""
     init_std: float = 0.02
     """Std of the normal init of all weights; residual output projections use init_std/√(2·num_layers)."""
+    init_from: str = ""
+    """Start a new run from this run dir's newest checkpoint (or a checkpoints/step_N folder); dense → MoE upcycles."""
 
     @property
     def kv_heads(self) -> int:
@@ -64,6 +66,7 @@ class ModelConfig:
         _positive(self, "d_model", "num_layers", "num_heads", "seq_len", "vocab_multiple")
         _positive(self, "rope_theta", "norm_eps", "init_std")
         _non_negative(self, "num_kv_heads", "ffn_hidden_size", "vocab_size")
+        _check(self.init_from == self.init_from.strip(), "init_from", f"has surrounding spaces: {self.init_from!r}")
         _check(
             self.d_model % self.num_heads == 0,
             "num_heads",
@@ -149,6 +152,8 @@ class MoEConfig:
     """Train dense (all on expert 0) for this fraction of steps, then copy it to all experts; -1 = 0.05 lory else 0."""
     generate_routing: Literal["prompt", "segment"] = "prompt"
     """Lory in generation: route once per layer from the prompt mean, or re-route every segment."""
+    upcycle_noise: float = 0.0
+    """Upcycling a dense checkpoint: multiply each expert weight by 1 + upcycle_noise·N(0, 1); 0 = exact copies."""
     log_per_expert: bool = False
     """Also log tokens per expert for every expert and layer (many W&B keys); aggregates are always logged."""
 
@@ -180,6 +185,7 @@ class MoEConfig:
         _positive(self, "num_experts", "top_k", "moe_every", "min_capacity")
         _non_negative(self, "num_shared_experts", "expert_hidden_size", "input_jitter_eps", "jitter_eps", "eval_top_k")
         _positive(self, "gru_hidden")
+        _non_negative(self, "upcycle_noise")
         _non_negative(self, "capacity_factor", "eval_capacity_factor", "balance_loss_coef", "z_loss_coef")
         _check(
             self.routing == "lory" or self.top_k <= self.num_experts,

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megamoe.config import ModelConfig, MoEConfig
 from megamoe.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
 from megamoe.train.dist import any_rank, barrier, from_main, gather, is_main
 from megamoe.utils.fs import atomic_write_json, fsync_path, remove_stale_temps
@@ -212,19 +213,35 @@ ARCHITECTURE = ("model", "moe")
 """Config sections a checkpoint must match: they decide which parameters exist and their shapes."""
 
 
+STARTUP_ONLY = {"model": ("init_from",), "moe": ("upcycle_noise",)}
+"""Keys that act once, when a run starts (not part of the architecture a resume must match)."""
+
+
 def architecture(cfg) -> dict[str, dict]:
     """The architecture sections of a Config as plain dicts (stored in, and checked against, checkpoints)."""
-    return {section: dataclasses.asdict(getattr(cfg, section)) for section in ARCHITECTURE}
+    sections = {section: dataclasses.asdict(getattr(cfg, section)) for section in ARCHITECTURE}
+    for section, keys in STARTUP_ONLY.items():
+        for key in keys:
+            sections[section].pop(key, None)
+    return sections
+
+
+def _defaults() -> dict[str, dict]:
+    """The default value of every architecture key (a checkpoint older than a key was saved with it)."""
+    return {"model": dataclasses.asdict(ModelConfig()), "moe": dataclasses.asdict(MoEConfig())}
 
 
 def check_compatible(path: Path, meta: dict, current: dict[str, dict]) -> None:
-    """Raise if a checkpoint's architecture sections differ from the current config."""
-    diffs = []
+    """Raise if a checkpoint's architecture sections differ from the current config.
+
+    A key the checkpoint lacks (it was added to megamoe later) matches its default value.
+    """
+    diffs, defaults = [], _defaults()
     for section, values in current.items():
-        saved = meta.get(section, {})
+        saved = {**defaults.get(section, {}), **meta.get(section, {})}
         diffs += [
             f"{section}.{k}={saved.get(k)!r} (config has {values.get(k)!r})"
-            for k in sorted(set(saved) | set(values))
+            for k in sorted(set(meta.get(section, {})) | set(values))
             if saved.get(k) != values.get(k)
         ]
     if diffs:

@@ -31,6 +31,7 @@ from megamoe.train.domain_routing import domain_routing_metrics
 from megamoe.train.engine import PlainEngine
 from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, lory_layers, rank_share
 from megamoe.train.flops import peak_tflops
+from megamoe.train.init_from import init_from
 from megamoe.train.metrics import ROUTING_DOMAINS_FILE, MetricSinks
 from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
@@ -74,6 +75,8 @@ class Trainer:
         self.last_loss = float("nan")
         if setup.resume_from:
             self._resume(setup.resume_from, setup.resume_explicit)
+        elif self.cfg.model.init_from:  # a fresh start from another run's weights (a resume ignores it)
+            init_from(self.model, self.engine, self.cfg)
         self.domain_routing: dict | None = None
         """The last evaluation's per-domain routing weights per Lory layer."""
         self.dense_steps = warmup_steps(self.cfg)

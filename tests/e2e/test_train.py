@@ -156,6 +156,21 @@ def test_incompatible_checkpoint_names_the_key(data_cache, tiny_data, tmp_path):
         train(data_cache, run, "train.max_steps=4", "model.d_model=64", resume=True)
 
 
+def test_checkpoint_older_than_a_key_resumes(data_cache, tiny_data, tmp_path):
+    """A checkpoint saved before a config key existed matches that key's default, and only its default."""
+    run = tmp_path / "run"
+    train(data_cache, run, "train.max_steps=3")
+    meta_path = ckpt.latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["moe"]["log_per_expert"]  # as if saved by a megamoe without moe.log_per_expert
+    assert "init_from" not in meta["model"]  # start-up keys are not part of the architecture
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"moe.log_per_expert=False \(config has True\)"):
+        train(data_cache, run, "train.max_steps=4", "moe.log_per_expert=true", resume=True)
+    train(data_cache, run, "train.max_steps=4", resume=True)
+    assert ckpt.latest_checkpoint(run).name == "step_00000004"
+
+
 def test_resume_without_checkpoint_and_overwrite_guard(data_cache, tiny_data, tmp_path):
     with pytest.raises(MegamoeError, match="--resume: no checkpoint in"):
         train(data_cache, tmp_path / "empty", resume=True)

@@ -1,0 +1,1 @@
+"""Interoperability with the Hugging Face ecosystem: export, import and upcycling, lm-evaluation-harness."""
