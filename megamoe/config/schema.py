@@ -321,6 +321,8 @@ class TrainConfig:
     """Seed of model initialization and data sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in backward: full = whole blocks; selective = attention core and expert SwiGLU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device to train on; auto = CUDA when available."""
     run_dir: str = ""

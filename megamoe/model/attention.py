@@ -10,6 +10,8 @@ so splitting its output rows contiguously over tensor-parallel ranks hands each 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from megamoe.config import ModelConfig
 from megamoe.model.factory import LayerFactory
 from megamoe.model.layers import Rotary
 from megamoe.model.moe.state import DecodeCache
+from megamoe.model.recompute import maybe_checkpoint
 
 
 class Attention(nn.Module):
@@ -31,6 +34,8 @@ class Attention(nn.Module):
         qkv_out = cfg.kv_heads * (self.q_per_group + 2) * cfg.head_dim
         self.qkv = factory.column(cfg.d_model, qkv_out)
         self.proj = factory.row(cfg.num_heads * cfg.head_dim, cfg.d_model)
+        self.recompute_core = False
+        """Selective recompute: the attention core keeps only q, k, v."""
 
     def forward(
         self, x_LBD: torch.Tensor, rotary: Rotary, cache: DecodeCache | None = None, index: int = 0
@@ -48,9 +53,8 @@ class Attention(nn.Module):
         q_BHLK, k_BGLK = rotary(q_BHLK, offset), rotary(k_BGLK, offset)
         if cache is not None:
             k_BGLK, v_BGLK = self._extend(cache, index, k_BGLK, v_BGLK, length)
-        out_BHLK = F.scaled_dot_product_attention(
-            q_BHLK, k_BGLK, v_BGLK, is_causal=offset == 0, enable_gqa=self.q_per_group > 1
-        )
+        core = functools.partial(F.scaled_dot_product_attention, is_causal=offset == 0, enable_gqa=self.q_per_group > 1)
+        out_BHLK = maybe_checkpoint(self.recompute_core, core, q_BHLK, k_BGLK, v_BGLK)
         return self.proj(out_BHLK.permute(2, 0, 1, 3).flatten(2))
 
     @staticmethod

@@ -21,6 +21,7 @@ from megamoe.model.moe.gru import GRUCell
 from megamoe.model.moe.lory import LoryFFN
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.moe.state import DecodeCache, RoutingState
+from megamoe.model.recompute import checkpointed_block
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Transformer(nn.Module):
         self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps)
         self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        self.recompute_blocks = False
+        """Full activation recompute (train.recompute=full): blocks keep only their input."""
 
     def forward(
         self,
@@ -98,8 +101,12 @@ class Transformer(nn.Module):
         h_LBD = self.embed(tokens_BL)
         moe: dict[int, MoELayerOutput] = {}
         state = RoutingState(ctx, self.router_gru, cache=cache)
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.layers):
-            h_LBD, aux = layer(h_LBD, self.rotary, state)
+            if recompute:
+                h_LBD, aux = checkpointed_block(layer, h_LBD, self.rotary, state)
+            else:
+                h_LBD, aux = layer(h_LBD, self.rotary, state)
             if aux is not None:
                 moe[index] = aux
         tied_weight = self.embed.weight if self.cfg.tie_embeddings else None

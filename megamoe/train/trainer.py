@@ -22,6 +22,7 @@ from megamoe.config import Config, config_to_dict
 from megamoe.data import PackedSplit, SequenceSampler
 from megamoe.errors import CheckpointError, CorruptCheckpointError, DataError, NonFiniteError
 from megamoe.model import LayerFactory, build_model
+from megamoe.model.recompute import set_recompute
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.params import count_parameters, flops_per_token, meta_counts
 from megamoe.parallel.groups import ParallelGroups
@@ -65,6 +66,7 @@ class Trainer:
         self.groups = groups
         torch.manual_seed(self.cfg.train.seed)
         self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe).to(groups.device)
+        set_recompute(self.model, self.cfg.train.recompute)
         self.engine = self._engine()
         self.train_split, self.val_split = self._splits()
         self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)

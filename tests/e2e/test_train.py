@@ -339,3 +339,19 @@ def test_flipped_bits_in_the_newest_checkpoint_are_caught(data_cache, tiny_data,
     assert ckpt.problem(ckpt.step_dir(run, 3)) is None, "sizes and index still look fine"
     trainer = single_process_trainer(tiny_config(data_cache, run, "train.max_steps=4"), resume=True)
     assert trainer.step == 2 and f"{shard.name} is missing or fails its checksum" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_trains_identically(mode, data_cache, tiny_data, tmp_path):
+    """train.recompute: the same logged losses and grad norms, and the same final weights, bit for bit."""
+    moe = ("moe.routing=topk", "moe.num_experts=4", "moe.top_k=2", "train.max_steps=4")
+    plain = train(data_cache, tmp_path / "plain", *moe)["_trainer"]
+    again = train(data_cache, tmp_path / mode, *moe, f"train.recompute={mode}")["_trainer"]
+    assert losses(tmp_path / mode) == losses(tmp_path / "plain")
+    norms = [
+        [r["train/grad_norm"] for r in read_metrics(run) if "train/grad_norm" in r]
+        for run in (tmp_path / "plain", tmp_path / mode)
+    ]
+    assert norms[0] == norms[1]
+    for (name, p), q in zip(plain.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(p, q), name

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.model.recompute import maybe_checkpoint
 from megamoe.ops import grouped_linear
 
 
@@ -38,6 +39,8 @@ class GroupedExperts(nn.Module):
         for param, f_dim in ((self.w_gate, 1), (self.w_up, 1), (self.w_down, 2)):
             mark_shards(param, ("ep", 0, ep_rank, ep_size), ("etp", f_dim, etp_rank, etp_size))
             param.expert = True
+        self.recompute_core = False
+        """Selective recompute: keep only the experts' input rows, recompute gate, up and SiLU in backward."""
 
     @property
     def num_local(self) -> int:
@@ -46,6 +49,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, rows_per_expert: int | None = None) -> torch.Tensor:
         """SwiGLU of each expert's rows (a partial sum over F slices under expert-tensor parallelism)."""
+        return maybe_checkpoint(self.recompute_core, self._swiglu, x_ND, counts_E, rows_per_expert)
+
+    def _swiglu(self, x_ND: torch.Tensor, counts_E: torch.Tensor, rows_per_expert: int | None) -> torch.Tensor:
+        """The three grouped matmuls."""
         gate_NF = grouped_linear(x_ND, self.w_gate, counts_E, rows_per_expert)
         up_NF = grouped_linear(x_ND, self.w_up, counts_E, rows_per_expert)
         return grouped_linear(F.silu(gate_NF) * up_NF, self.w_down, counts_E, rows_per_expert)

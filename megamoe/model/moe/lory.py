@@ -27,6 +27,7 @@ from megamoe.model.moe.experts import mark_shards
 from megamoe.model.moe.scorer import Scorer
 from megamoe.model.moe.state import RoutingState
 from megamoe.model.moe.stats import POSITION_BUCKETS, RoutingStats
+from megamoe.model.recompute import maybe_checkpoint
 from megamoe.ops.lory import merged_swiglu, resolve_merge_impl
 
 if TYPE_CHECKING:
@@ -117,6 +118,8 @@ class LoryFFN(nn.Module):
         self.experts = factory.lory_experts(cfg.num_experts, model_cfg.d_model, hidden)
         self.comm = factory.lory_comm()
         self.dense_phase = False
+        self.recompute_core = False
+        """Selective recompute: the merged SwiGLU keeps only its inputs."""
 
     def forward(self, x_LBD: torch.Tensor, state: RoutingState | None = None) -> tuple[torch.Tensor, MoELayerOutput]:
         """The layer's output and its statistics (no losses)."""
@@ -166,7 +169,8 @@ class LoryFFN(nn.Module):
         x_STD, w_SE = self.comm.gather(x_STD, w_SE)
         impl = resolve_merge_impl(self.cfg.merge_impl, x_STD.device)
         e = self.experts
-        y_STD = merged_swiglu(x_STD, w_SE.to(x_STD.dtype), e.w_gate, e.w_up, e.w_down, impl)
+        args = (x_STD, w_SE.to(x_STD.dtype), e.w_gate, e.w_up, e.w_down, impl)
+        y_STD = maybe_checkpoint(self.recompute_core, merged_swiglu, *args)
         return self.comm.reduce(y_STD)
 
     def _stats(self, weights_NbE: torch.Tensor, counts_N: torch.Tensor) -> RoutingStats:
