@@ -39,6 +39,8 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
     tie_embeddings: bool = False
     """Share the input embedding matrix with the output (LM head) projection."""
+    qkv_bias: bool = False
+    """Add a learned bias to the query, key and value projections (Qwen2); it starts at zero."""
     init_std: float = 0.02
     """Std of the normal init of all weights; residual output projections use init_std/√(2·num_layers)."""
     init_from: str = ""

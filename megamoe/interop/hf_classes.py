@@ -3,11 +3,11 @@
 Shape legend: E experts, F expert FFN width, D width. In evaluation every family is dropless here
 (transformers' MoE classes drop nothing), and the exported function is megamoe's eval-mode one:
 
-* dense → LlamaForCausalLM;
+* dense → LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias);
 * token choice (and expert choice's causal fallback, which is token choice) with a linear router
   and softmax scores: renormalized, every block MoE, no shared or residual FFN → MixtralForCausalLM;
   otherwise → Qwen2MoeForCausalLM (decoder_sparse_step = moe.moe_every, norm_topk_prob =
-  moe.renormalize, no q/k/v bias). Qwen2-MoE gates its shared expert by sigmoid(g·x): g = 0 gives
+  moe.renormalize, qkv_bias = model.qkv_bias). Qwen2-MoE gates its shared expert by sigmoid(g·x): g = 0 gives
   exactly 1/2, and the shared down projection is doubled (both exact powers of two), so shared
   experts and OpenMoE's residual FFN (concatenated along F into one SwiGLU) are added ungated;
 * everything else (Lory, GRIN's SparseMixer-v2, RMoE's GRU router, sigmoid scores) → megamoe's own
@@ -30,7 +30,7 @@ class Target:
     """The class an export is written as, and why."""
 
     kind: str
-    """llama, mixtral, qwen2_moe or megamoe (the remote-code wrapper)."""
+    """llama, qwen2, mixtral, qwen2_moe or megamoe (the remote-code wrapper)."""
     why: str
     """One sentence for the command's output."""
 
@@ -38,6 +38,8 @@ class Target:
 def choose_target(model: ModelConfig, moe: MoEConfig) -> Target:
     """The native class whose math matches the model exactly, else the wrapper (with the reason)."""
     if not moe.enabled:
+        if model.qkv_bias:
+            return Target("qwen2", "a dense megamoe model with q/k/v biases is a Qwen2 model")
         return Target("llama", "a dense megamoe model is a Llama model")
     token_choice = moe.routing == "topk" or (moe.routing == "expert_choice")
     if not token_choice:
@@ -47,7 +49,7 @@ def choose_target(model: ModelConfig, moe: MoEConfig) -> Target:
     if moe.score_fn != "softmax":
         return Target("megamoe", "sigmoid router scores have no transformers class")
     plain = moe.moe_every == 1 and not moe.num_shared_experts and not moe.residual
-    if moe.renormalize and plain and eval_top_k(moe) > 1:
+    if moe.renormalize and plain and eval_top_k(moe) > 1 and not model.qkv_bias:
         return Target("mixtral", "renormalized softmax top-k in every block is Mixtral")
     return Target("qwen2_moe", "softmax top-k with MoE every k blocks, shared or residual FFN is Qwen2-MoE")
 
@@ -76,6 +78,8 @@ def hf_config(model: ModelConfig, moe: MoEConfig, target: Target, eos_id: int | 
         return transformers.LlamaConfig(
             **common, intermediate_size=model.ffn_hidden, attention_bias=False, mlp_bias=False
         )
+    if target.kind == "qwen2":
+        return transformers.Qwen2Config(**common, intermediate_size=model.ffn_hidden, use_sliding_window=False)
     if target.kind == "mixtral":
         return transformers.MixtralConfig(
             **common, intermediate_size=expert_hidden, num_local_experts=moe.num_experts,
@@ -85,7 +89,7 @@ def hf_config(model: ModelConfig, moe: MoEConfig, target: Target, eos_id: int | 
         **common, intermediate_size=model.ffn_hidden, moe_intermediate_size=expert_hidden,
         shared_expert_intermediate_size=shared_width(model, moe), num_experts=moe.num_experts,
         num_experts_per_tok=eval_top_k(moe), norm_topk_prob=moe.renormalize, decoder_sparse_step=moe.moe_every,
-        mlp_only_layers=[], qkv_bias=False, use_sliding_window=False, sliding_window=None,
+        mlp_only_layers=[], qkv_bias=model.qkv_bias, use_sliding_window=False, sliding_window=None,
     )  # fmt: skip
 
 
@@ -134,6 +138,7 @@ def hf_model_class(target: Target):
 
     return {
         "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
         "mixtral": transformers.MixtralForCausalLM,
         "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     }[target.kind]

@@ -47,7 +47,7 @@ def rope_theta(hf: dict, where: Path) -> float:
 
 
 def check_shapes(hf: dict, where: Path) -> None:
-    """SiLU SwiGLU, no biases on attention output or MLP, head_dim = hidden/heads."""
+    """SiLU SwiGLU, no bias on attention output or MLP (Qwen2 q/k/v biases: model.qkv_bias), head_dim = hidden/heads."""
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(where, "hidden_act", hf["hidden_act"], "megamoe's FFN is SwiGLU with SiLU")
     for key in ("attention_bias", "mlp_bias"):
@@ -82,5 +82,5 @@ def model_fields(hf: dict, seq_len: int, where: Path) -> dict[str, object]:
         "num_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
         "ffn_hidden_size": hf["intermediate_size"], "vocab_size": hf["vocab_size"], "seq_len": seq_len,
         "rope_theta": rope_theta(hf, where), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qkv_bias": hf["model_type"] == "qwen2",
     }  # fmt: skip

@@ -17,8 +17,6 @@ from megamoe.model import Transformer
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 IGNORED = ("rotary_emb.inv_freq",)
 """Tensors some checkpoints carry that are recomputed, not learned."""
-BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
-"""Qwen2's attention biases: megamoe attention has none, so they must be all zero."""
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -46,19 +44,9 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {name: t.float() for name, t in tensors.items() if not name.endswith(IGNORED)}
 
 
-def drop_zero_biases(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """Remove Qwen2's q/k/v biases when all zero; any non-zero bias is refused (megamoe has no qkv_bias)."""
-    for name, tensor in tensors.items():
-        if name.endswith(BIASES) and bool(tensor.any()):
-            raise CheckpointError(
-                f"{folder}: {name} is non-zero; megamoe attention has no qkv_bias (only all-zero q/k/v biases import)"
-            )
-    return {name: t for name, t in tensors.items() if not name.endswith(BIASES)}
-
-
 def read_dense_state(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """megamoe's dense state dict from DIR's safetensors, every name and shape checked against cfg."""
-    tensors = drop_zero_biases(read_tensors(folder), folder)
+    tensors = read_tensors(folder)
     try:
         state = llama_to_dense(tensors, cfg)
     except KeyError as err:

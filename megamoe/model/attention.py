@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.groups = cfg.kv_heads // factory.tp_size
         self.q_per_group = cfg.num_heads // cfg.kv_heads
         qkv_out = cfg.kv_heads * (self.q_per_group + 2) * cfg.head_dim
-        self.qkv = factory.column(cfg.d_model, qkv_out)
+        self.qkv = factory.column(cfg.d_model, qkv_out, bias=cfg.qkv_bias)
         self.proj = factory.row(cfg.num_heads * cfg.head_dim, cfg.d_model)
         self.recompute_core = False
         """Selective recompute: the attention core keeps only q, k, v."""

@@ -54,9 +54,9 @@ class LayerFactory:
     tp_size: int = 1
     """Ranks each column/row linear is split over (the model divides head counts by it)."""
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        """Linear whose output features are split over TP ranks: x_LBI → y_LB(O/tp)."""
-        return nn.Linear(in_features, out_features, bias=False)
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        """Linear whose output features (and bias) are split over TP ranks: x_LBI → y_LB(O/tp)."""
+        return nn.Linear(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         """Linear whose input features are split over TP ranks and outputs summed: x_LB(I/tp) → y_LBO."""

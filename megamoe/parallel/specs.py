@@ -68,22 +68,27 @@ def _leave_tp(y: torch.Tensor, group: dist.ProcessGroup, sp: bool) -> torch.Tens
 class Column(ColumnParallelLinear):
     """Column-parallel linear: x_LBI (x_SBI under SP) → y_LB(O/tp)."""
 
-    def __init__(self, in_features: int, out_features: int, config: ModelParallelConfig, group, sp: bool):
+    def __init__(
+        self, in_features: int, out_features: int, config: ModelParallelConfig, group, sp: bool, bias: bool = False
+    ):
         super().__init__(
             in_features,
             out_features,
             config=config,
             init_method=_no_init,
-            bias=False,
+            bias=bias,
             gather_output=False,
             tp_group=group,
         )
         self.sp = sp
         _mark_shard(self.weight, 0, group)
+        if bias:  # megatron-core already marked it tensor-parallel (it initializes biases itself)
+            self.bias.shards = (("tp", 0, dist.get_rank(group), dist.get_world_size(group)),)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Matmul with this rank's output rows (weight overrides them for a tied head)."""
-        return F.linear(_enter_tp(x, self.tp_group, self.sp), self.weight if weight is None else weight)
+        """Matmul (+ bias) with this rank's output rows (weight overrides them for a tied head)."""
+        x = _enter_tp(x, self.tp_group, self.sp)
+        return F.linear(x, self.weight if weight is None else weight, self.bias)
 
 
 class Row(RowParallelLinear):
@@ -161,10 +166,10 @@ class ParallelFactory(LayerFactory):
             params_dtype=torch.float32,
         )
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         if self.tp_size == 1:
-            return super().column(in_features, out_features)
-        return Column(in_features, out_features, self._config(), self._tp, self.sequence_parallel)
+            return super().column(in_features, out_features, bias)
+        return Column(in_features, out_features, self._config(), self._tp, self.sequence_parallel, bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         if self.tp_size == 1:
@@ -232,8 +237,8 @@ class ShardShapeFactory(LayerFactory):
     ep_size: int = 1
     etp_size: int = 1
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features // self.tp_size, bias=False)
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features // self.tp_size, bias=bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features // self.tp_size, out_features, bias=False)

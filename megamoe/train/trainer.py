@@ -22,9 +22,9 @@ from megamoe.config import Config, config_to_dict
 from megamoe.data import PackedSplit, SequenceSampler
 from megamoe.errors import CheckpointError, CorruptCheckpointError, DataError, NonFiniteError
 from megamoe.model import LayerFactory, build_model
-from megamoe.model.recompute import set_recompute
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.params import count_parameters, flops_per_token, meta_counts
+from megamoe.model.recompute import set_recompute
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.dist import any_rank, barrier, is_main, mean_over, sum_over

@@ -166,6 +166,16 @@ def test_grin_and_rmoe_layouts_match_single_process(family, layout, family_refer
     assert_layout_matches(run_dir, family_references[family], KEYS)
 
 
+def test_qkv_bias_under_tp_sp_ep_matches_single_process(data_cache, tiny_data, tmp_path_factory, tmp_path):
+    """model.qkv_bias (Qwen2): the fused q/k/v bias is split over the TP ranks with its rows, its gradient is
+    each rank's own (sequence-parallel: after the gather), and its checkpoint slices reassemble."""
+    reference = make_reference(data_cache, tmp_path_factory, "qkv_bias", [*COMMON, "model.qkv_bias=true"], KEYS)
+    assert any(float(p.abs().max()) > 0 for n, p in reference["params"].items() if n.endswith("qkv.bias"))
+    overrides = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.expert_parallel=2"]
+    launch(4, data_cache, tmp_path / "run", *COMMON, "model.qkv_bias=true", *overrides)
+    assert_layout_matches(tmp_path / "run", reference, KEYS)
+
+
 # Lory with the dense warm-up (W = 2 of 6 steps): the upcycling copies optimizer state under ZeRO too.
 LORY = ["moe.routing=lory", "moe.num_experts=4", "moe.segment_length=8", "moe.dense_warmup_fraction=0.34"]
 LORY_LAYOUTS = {

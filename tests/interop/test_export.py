@@ -24,10 +24,12 @@ TIE_GAP = 1e-4
 MOE4 = ["moe.num_experts=4", "moe.top_k=2"]
 FAMILIES = {
     "dense-tied": (["model.tie_embeddings=true"], "llama"),
+    "dense-qkv-bias": (["model.qkv_bias=true"], "qwen2"),
     "topk-renorm": (["moe.routing=topk", *MOE4, "moe.renormalize=true", "moe.capacity_factor=1.25"], "mixtral"),
     "topk-shared-residual": (["moe.routing=topk", *MOE4, "moe.moe_every=2", "moe.num_shared_experts=1",
                               "moe.residual=true", "moe.expert_hidden_size=48"], "qwen2_moe"),
-    "expert-choice": (["moe.routing=expert_choice", "moe.num_experts=4", "moe.capacity_factor=2"], "qwen2_moe"),
+    "expert-choice-qkv-bias": (["moe.routing=expert_choice", "moe.num_experts=4", "moe.capacity_factor=2",
+                                "model.qkv_bias=true"], "qwen2_moe"),
     "topk-sigmoid": (["moe.routing=topk", *MOE4, "moe.score_fn=sigmoid", "moe.renormalize=true"], "megamoe"),
     "grin": (["moe.routing=sparsemixer", *MOE4, "moe.jitter_eps=0.3"], "megamoe"),
     "rmoe": (["moe.routing=topk", *MOE4, "moe.scorer=gru", "moe.gru_hidden=16"], "megamoe"),
@@ -90,7 +92,7 @@ def test_hf_export_matches_megamoe(family, data_cache, tiny_data, tmp_path):
     report = export_hf(run, tmp_path / "hf")
     assert report.target.kind == kind
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
-    expected_class = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+    expected_class = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                       "qwen2_moe": "Qwen2MoeForCausalLM", "megamoe": "MegamoeForCausalLM"}[kind]  # fmt: skip
     assert type(hf).__name__ == expected_class
     model, _ = load_run_model(run)

@@ -100,17 +100,24 @@ def test_import_matches_transformers(variant, tmp_path):
     assert rel_error(run_logits(run), hf_logits(hf)) <= REL_TOL
 
 
-def test_qwen2_with_zero_biases_imports_and_nonzero_is_refused(tmp_path, capsys):
-    """Qwen2's q/k/v biases: all zero → imported exactly; non-zero → one line naming qkv_bias."""
+def test_qwen2_biases_import_and_export_exactly(tmp_path):
+    """Qwen2's q/k/v biases (random, non-zero) become model.qkv_bias: logits equal, and the export is a Qwen2."""
+    from transformers import AutoModelForCausalLM
+
+    from megamoe.interop.hf_export import export_hf
+
     hf = save_hf(tmp_path / "hf", "qwen2")
-    assert rel_error(run_logits(import_run(tmp_path / "hf", tmp_path / "run")), hf_logits(hf)) <= REL_TOL
     with torch.no_grad():
-        hf.model.layers[1].self_attn.k_proj.bias.fill_(0.1)
+        for name, p in hf.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.copy_(0.3 * torch.randn_like(p))
     hf.save_pretrained(tmp_path / "hf")
-    capsys.readouterr()  # drop transformers' progress bar
-    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run2")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "layers.1.self_attn.k_proj.bias" in err and "qkv_bias" in err
+    run = import_run(tmp_path / "hf", tmp_path / "run")
+    assert __import__("yaml").safe_load((run / "config.yaml").read_text())["model"]["qkv_bias"] is True
+    assert rel_error(run_logits(run), hf_logits(hf)) <= REL_TOL
+    back = AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "export").out).eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    assert rel_error(hf_logits(back), hf_logits(hf)) <= REL_TOL
 
 
 def test_planted_layout_bug_is_caught(llama, tmp_path):
