@@ -1,4 +1,7 @@
-"""`megamoe eval RUN_DIR`: perplexity overall and per domain on the run's held-out documents."""
+"""`megamoe eval RUN_DIR`: perplexity overall and per domain on the run's held-out documents.
+
+With --tasks, lm-evaluation-harness tasks instead (megamoe/interop/lm_eval_run.py), offline.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, help="a run directory")
     p.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint (default: the newest)")
     p.add_argument("--max-sequences", type=int, default=0, help="at most this many val sequences (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences (lm-eval: requests) per forward pass")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (next_line: built from the run)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many items per task")
+    p.add_argument("--include-path", type=Path, action="append", default=[], help="lm-eval: a folder of task YAMLs")
     p.set_defaults(func=run)
 
 
@@ -67,6 +74,38 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def lm_eval_options(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The task names and lm-eval settings, each bad flag a one-line error naming it."""
+    from megamoe.errors import MegamoeError
+
+    if args.max_sequences:
+        raise MegamoeError("--max-sequences counts perplexity sequences; with --tasks use --limit")
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if not all(tasks):
+        raise MegamoeError(f"--tasks: '{args.tasks}' has an empty task name")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise MegamoeError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and args.limit < 1:
+        raise MegamoeError(f"--limit must be >= 1, got {args.limit}")
+    for folder in args.include_path:
+        if not folder.is_dir():
+            raise MegamoeError(f"--include-path: {folder} is not a folder")
+    options = {"num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size}
+    return list(dict.fromkeys(tasks)), {**options, "include_paths": [p.resolve() for p in args.include_path]}
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval on the run's checkpoint: write RUN_DIR/eval/lm_eval_step_<N>.json, .md; print the table."""
+    from megamoe.interop import lm_eval_run
+
+    tasks, options = lm_eval_options(args)
+    rec = lm_eval_run.evaluate(args.run_dir, tasks, options, args.checkpoint)
+    path = lm_eval_run.write(args.run_dir, rec)
+    print(lm_eval_run.markdown(rec))
+    print(f"\nwritten to {path} (and its .md and _samples.jsonl)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write RUN_DIR/eval/step_<N>.json and .md, print the table."""
     from megamoe.errors import MegamoeError
@@ -76,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         raise MegamoeError("--max-sequences must be >= 0 and --batch-size >= 1")
     if not args.run_dir.is_dir():
         raise MegamoeError(f"{args.run_dir}: not a run directory")
+    if args.tasks is not None:
+        return run_lm_eval(args)
+    extra = [f for f, v in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit)) if v is not None]
+    if extra or args.include_path:
+        raise MegamoeError(f"{(extra or ['--include-path'])[0]} needs --tasks")
     record = evaluate_run(args.run_dir, args.checkpoint, args.max_sequences, args.batch_size)
     out = args.run_dir / "eval"
     out.mkdir(exist_ok=True)

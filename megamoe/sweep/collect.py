@@ -4,6 +4,8 @@ Writes <sweep root>/results.csv (one row per finished run), results.md (one row 
 grid point: mean ± sample std over seeds of the final validation loss and perplexity, tokens,
 and the mean over seeds of each run's median logged tokens/s)
 and curves.png (mean eval loss and smoothed train loss against tokens, per group).
+Runs evaluated with `megamoe eval RUN --tasks ...` at their final step (eval/lm_eval_step_<N>.json)
+add one column per task and metric, `lm_eval/<task>/<metric>`, to both tables.
 """
 
 from __future__ import annotations
@@ -44,8 +46,24 @@ def run_rows(sweep: Sweep) -> list[dict]:
             "run": run.name, "group": group_of(run.name), "seed": run.seed, "step": summary["step"],
             "tokens": summary["tokens"], "eval_loss": final["eval/loss"], "eval_ppl": final["eval/ppl"],
             "tokens_per_s": round(statistics.median(speeds)) if speeds else float("nan"),
+            **lm_eval_columns(run.run_dir, summary["step"]),
         })  # fmt: skip
     return rows
+
+
+def lm_eval_columns(run_dir: Path, step: int) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>` of the run's lm-eval record at step (stderrs and counts left out); {} if none."""
+    path = run_dir / "eval" / f"lm_eval_step_{step}.json"
+    if not path.is_file():
+        return {}
+    tasks = json.loads(path.read_text()).get("tasks", {})
+    skip = ("samples", "num_fewshot", "limit")
+    return {
+        f"lm_eval/{task}/{metric}": value
+        for task, metrics in sorted(tasks.items())
+        for metric, value in metrics.items()
+        if metric not in skip and not metric.endswith("_stderr") and isinstance(value, int | float)
+    }
 
 
 def _final_eval(summary: dict, records: list[dict]) -> dict | None:
@@ -79,7 +97,17 @@ def group_table(rows: list[dict]) -> list[dict]:
             "val ppl": _mean_std([m["eval_ppl"] for m in members]),
             "tokens/s (median)": f"{statistics.fmean(m['tokens_per_s'] for m in members):,.0f}",
         })  # fmt: skip
+    columns = _lm_eval_keys(rows)
+    for row, members in zip(out, groups.values()):
+        for key in columns:
+            values = [m[key] for m in members if key in m]
+            row[key.removeprefix("lm_eval/")] = _mean_std(values) if values else "-"
     return out
+
+
+def _lm_eval_keys(rows: list[dict]) -> list[str]:
+    """The lm-eval columns of any row, in first-seen order."""
+    return list(dict.fromkeys(k for row in rows for k in row if k.startswith("lm_eval/")))
 
 
 def markdown(table: list[dict]) -> str:
@@ -133,7 +161,8 @@ def collect(sweep: Sweep) -> tuple[Path, str]:
         raise MegamoeError(f"--collect: no finished run under {sweep.root}")
     sweep.root.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # lm-eval columns: empty where a run has none
+    writer = csv.DictWriter(text, fieldnames=fields, restval="", lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(sweep.root / "results.csv", text.getvalue())  # a killed collect leaves the old file
