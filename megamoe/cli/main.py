@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         analyze_cmd,
         config_cmd,
         data_cmd,
+        doctor_cmd,
         eval_cmd,
         export_cmd,
         generate_cmd,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub)
     analyze_cmd.add_parser(sub)
     sweep_cmd.add_parser(sub)
+    doctor_cmd.add_parser(sub)
     return parser
 
 

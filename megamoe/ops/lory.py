@@ -12,7 +12,8 @@ the chunk's weights — E/T of the FFN FLOPs — instead of storing merged copie
 3·F·D per segment and far larger than the activations. The merge and the weight gradients
 accumulate in (at least) fp32; the matmuls run in the autocast dtype. `triton` (kernels/lory.py
 through megamoe.ops.lory_triton) merges weight tiles in registers and never writes merged weights;
-`auto` picks Triton on CUDA when the kernels import, else the reference.
+`auto` picks Triton on CUDA when the kernels import, else the reference; `megamoe.ops.lory_check` self-checks the
+kernels before they serve a device, dtype and shape class.
 `megamoe.ops.reference.merged_swiglu_loop` is the slow oracle.
 """
 

@@ -28,7 +28,8 @@ from megamoe.model.moe.scorer import Scorer
 from megamoe.model.moe.state import RoutingState
 from megamoe.model.moe.stats import POSITION_BUCKETS, RoutingStats
 from megamoe.model.recompute import maybe_checkpoint
-from megamoe.ops.lory import merged_swiglu, resolve_merge_impl
+from megamoe.ops.lory import merged_swiglu
+from megamoe.ops.lory_check import select_merge_impl
 
 if TYPE_CHECKING:
     from megamoe.model.factory import LayerFactory
@@ -167,8 +168,8 @@ class LoryFFN(nn.Module):
     def merged(self, x_STD: torch.Tensor, w_SE: torch.Tensor) -> torch.Tensor:
         """Every segment through its merged FFN (segments of all F-slice peers gathered, partial sums reduced)."""
         x_STD, w_SE = self.comm.gather(x_STD, w_SE)
-        impl = resolve_merge_impl(self.cfg.merge_impl, x_STD.device)
         e = self.experts
+        impl = select_merge_impl(self.cfg.merge_impl, x_STD, e.w_gate)
         args = (x_STD, w_SE.to(x_STD.dtype), e.w_gate, e.w_up, e.w_down, impl)
         y_STD = maybe_checkpoint(self.recompute_core, merged_swiglu, *args)
         return self.comm.reduce(y_STD)
