@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from megamoe.analysis import drops, early, router_stats, specialization
+from megamoe.analysis.bias import bias_trajectories
 from megamoe.analysis.record import Recording
 
 POSITION_BUCKETS = 16
@@ -109,6 +110,7 @@ def write_report(recordings: list[Recording], out: Path, decode, layer: int | No
     if len(recordings) > 1:
         _early(rep, recordings, layer, min_count)
     _drops(rep, final, layer)
+    _expert_bias(rep, Path(meta["run"]))
     if meta["routing"] == "lory":
         _lory(rep, final)
     else:
@@ -244,6 +246,23 @@ def _drops(rep: Report, rec: Recording, layer: int) -> None:
         "drops_by_position",
     )
     rep.table(drops.drops_by_domain(flags, rec.domain_T, rec.meta["domains"]), "drops_by_domain")
+
+
+def _expert_bias(rep: Report, run_dir: Path) -> None:
+    """aux_free: each layer's per-expert selection bias over training (from the logged metrics)."""
+    trajectories = bias_trajectories(run_dir)
+    if not trajectories:
+        return
+    rep.add(
+        "## Expert bias (auxiliary-loss-free balancing)",
+        "",
+        "The per-expert bias added to the scores for the top-k choice, after each logged step: an expert "
+        "the global batch overloads is pushed down by moe.bias_update_rate per step, an underloaded one up.",
+        "",
+    )
+    for layer, (steps_S, bias_SE) in trajectories.items():
+        series = {f"e{e}": bias_SE[:, e] for e in range(bias_SE.shape[1])}
+        rep.lines_plot(steps_S, series, "step", "bias", f"layer {layer}: expert bias", f"expert_bias_L{layer}")
 
 
 def _lory(rep: Report, rec: Recording) -> None:

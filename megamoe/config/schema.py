@@ -144,6 +144,16 @@ class MoEConfig:
     """Where f and P are measured (micro-batch, sequence, all DP ranks); auto: global for sparsemixer."""
     z_loss_coef: float = 0.001
     """Router z-loss coefficient (ST-MoE); 0 = off."""
+    balance: Literal["aux_loss", "aux_free", "none"] = "aux_loss"
+    """Load balancing (token choice): the balance loss; DeepSeek-V3's per-expert selection bias; or none."""
+    bias_update_rate: float = 0.001
+    """aux_free: after every optimizer step, b_i += rate · sign(mean load - load_i) over the global batch."""
+    routed_scaling: float = 1.0
+    """Token choice: multiply the routed experts' combine weights by this (DeepSeek-V3's routed scaling factor)."""
+    num_groups: int = 1
+    """Token choice: split the experts into this many contiguous groups (= EP size: one group per EP rank)."""
+    topk_groups: int = 0
+    """Group-limited routing: experts come from the top groups by the sum of top-(k/topk_groups) scores; 0 = all."""
     segment_length: int = 256
     """Lory: tokens per routing segment T (the last segment of a sequence may be shorter)."""
     routing_mode: Literal["causal_segment", "prefix"] = "causal_segment"
@@ -177,6 +187,13 @@ class MoEConfig:
         if self.balance_loss_level != "auto":
             return self.balance_loss_level
         return "global" if self.routing == "sparsemixer" else "micro_batch"
+
+    @property
+    def uses_balance_loss(self) -> bool:
+        """The balance loss is on: balance aux_loss, or aux_free with an explicit level (V3's complementary loss)."""
+        if self.balance_loss_coef <= 0 or self.balance == "none":
+            return False
+        return self.balance == "aux_loss" or self.balance_loss_level != "auto"
 
     def is_moe_layer(self, index: int) -> bool:
         """Block `index` (0-based) is a MoE block."""
@@ -225,12 +242,37 @@ class MoEConfig:
                 "sparsemixer weights are per-round probabilities, never renormalized",
             )
             _check(self.score_fn == "softmax", "score_fn", "sparsemixer samples from a (masked) softmax")
+        self._validate_balance()
         if self.renormalize:
             _check(
                 self.top_k > 1 or self.score_fn == "sigmoid",
                 "renormalize",
                 "a renormalized top-1 softmax weight is always 1",
             )
+
+    def _validate_balance(self) -> None:
+        """moe.balance and group-limited routing: token choice only, groups that divide the experts."""
+        _non_negative(self, "bias_update_rate", "topk_groups")
+        _positive(self, "routed_scaling", "num_groups")
+        if self.balance == "aux_free":
+            why = {"expert_choice": "balanced by construction", "lory": "soft weights over all experts",
+                   "sparsemixer": "samples from the unbiased softmax"}.get(self.routing)  # fmt: skip
+            _check(why is None, "balance", f"aux_free biases the top-k selection; moe.routing={self.routing} ({why})")
+        _check(self.routed_scaling == 1.0 or self.routing == "topk", "routed_scaling",
+               f"scales token-choice weights (moe.routing={self.routing})")  # fmt: skip
+        grouped = self.num_groups > 1 or self.topk_groups > 0
+        if not grouped:
+            return
+        _check(
+            self.routing == "topk", "num_groups", f"group-limited routing is token choice (moe.routing={self.routing})"
+        )
+        _check(self.num_experts % self.num_groups == 0, "num_groups",
+               f"({self.num_groups}) must divide moe.num_experts ({self.num_experts})")  # fmt: skip
+        _check(self.topk_groups <= self.num_groups, "topk_groups",
+               f"({self.topk_groups}) must be <= moe.num_groups ({self.num_groups})")  # fmt: skip
+        kept = (self.topk_groups or self.num_groups) * (self.num_experts // self.num_groups)
+        _check(kept >= self.top_k, "topk_groups",
+               f"its groups hold {kept} experts, fewer than moe.top_k ({self.top_k})")  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -249,12 +291,26 @@ class ParallelConfig:
     """Tensor-parallel degree inside each expert (its FFN width is split)."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage over data parallel: 0 = all-reduce, 1 = shard optimizer state, 2 = also gradients."""
+    pipeline_parallel: int = 1
+    """Pipeline stages: the blocks are split over this many ranks (torch.distributed.pipelining)."""
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule: GPipe (all forwards, then all backwards), 1F1B, or interleaved 1F1B."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved_1f1b: > 1; others: 1)."""
+    pipeline_split: str = ""
+    """Blocks per pipeline chunk, comma-separated (e.g. '3,5'); '' = balanced, counting embedding and LM head."""
     timeout_s: int = 600
     """Collective timeout in seconds: a hung or failed rank makes the others fail after this long."""
 
     def validate(self) -> None:
         """Degrees are positive."""
         _positive(self, "tensor_parallel", "expert_parallel", "expert_tensor_parallel", "timeout_s")
+        _positive(self, "pipeline_parallel", "virtual_stages")
+        _check(
+            self.virtual_stages == 1 or self.pipeline_schedule == "interleaved_1f1b",
+            "virtual_stages",
+            f"({self.virtual_stages}) > 1 needs parallel.pipeline_schedule=interleaved_1f1b",
+        )
         _non_negative(self, "data_parallel")
         _check(
             not self.sequence_parallel or self.tensor_parallel > 1,
@@ -323,6 +379,8 @@ class TrainConfig:
     """Seed of model initialization and data sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU."""
+    pipeline_microbatches: int = 0
+    """Pipeline micro-batches per step; 0 = global_batch_size / (micro_batch_size · data-parallel degree)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute in backward: full = whole blocks; selective = attention core and expert SwiGLU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -335,7 +393,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Check ranges and batch divisibility."""
         _positive(self, "max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_checkpoints")
-        _non_negative(self, "eval_interval", "checkpoint_interval", "max_nonfinite_steps")
+        _non_negative(self, "eval_interval", "checkpoint_interval", "max_nonfinite_steps", "pipeline_microbatches")
         _check(
             self.global_batch_size % self.micro_batch_size == 0,
             "global_batch_size",

@@ -48,6 +48,8 @@ def choose_target(model: ModelConfig, moe: MoEConfig) -> Target:
         return Target("megamoe", "RMoE's GRU router has no transformers class")
     if moe.score_fn != "softmax":
         return Target("megamoe", "sigmoid router scores have no transformers class")
+    if moe.balance == "aux_free" or moe.num_groups > 1 or moe.routed_scaling != 1.0:
+        return Target("megamoe", "Mixtral and Qwen2-MoE have no expert bias, group-limited routing or routed scaling")
     plain = moe.moe_every == 1 and not moe.num_shared_experts and not moe.residual
     if moe.renormalize and plain and eval_top_k(moe) > 1 and not model.qkv_bias:
         return Target("mixtral", "renormalized softmax top-k in every block is Mixtral")

@@ -122,7 +122,7 @@ class Transformer(nn.Module):
     def set_dense_phase(self, dense: bool) -> None:
         """Dense warm-up: every MoE block routes everything to expert 0 (Lory's upcycling recipe)."""
         for layer in self.layers:
-            if hasattr(layer.ffn, "dense_phase"):
+            if hasattr(getattr(layer, "ffn", None), "dense_phase"):  # a pipeline stage holds only its blocks
                 layer.ffn.dense_phase = dense
 
 

@@ -52,7 +52,9 @@ class ParallelGroups:
     device: torch.device
     meshes: dict | None = None
     """DeviceMeshes over the same groups, for DTensor checkpoints: 'dense' (dp, tp) and 'expert'
-    (edp, ep, etp); None in a single process."""
+    (edp, ep, etp) of this rank's pipeline stage; None in a single process."""
+    pp: Axis = LOCAL_AXIS
+    """The pipeline: one rank per stage, in stage order."""
 
     @property
     def distributed(self) -> bool:
@@ -106,6 +108,7 @@ def init_groups(layout: Layout, timeout_s: int, seed: int = 0) -> ParallelGroups
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
         distributed_timeout_minutes=max(1, timeout_s // 60),
@@ -126,6 +129,7 @@ def init_groups(layout: Layout, timeout_s: int, seed: int = 0) -> ParallelGroups
         layout=layout,
         device=device,
         meshes=_meshes(layout, ps, device),
+        pp=_axis(ps.get_pipeline_model_parallel_group()),
     )
     log.info("rank %d: %s (tp %s, dp %s)", groups.rank, layout.describe(), groups.tp.ranks, groups.dp.ranks)
     return groups
@@ -135,7 +139,8 @@ def _meshes(layout: Layout, ps, device: torch.device) -> dict:
     """DeviceMeshes built from megatron-core's groups (its rank order: tp fastest, then ep, then dp)."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    world = torch.arange(layout.world)
+    per_stage = layout.world // layout.pp  # megatron-core's order: the pipeline rank is outermost
+    world = torch.arange(per_stage) + ps.get_pipeline_model_parallel_rank() * per_stage
     dense = DeviceMesh.from_group(
         [ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()], device.type,
         mesh=world.view(layout.dp, layout.tp), mesh_dim_names=("dp", "tp"),

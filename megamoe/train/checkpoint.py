@@ -2,7 +2,8 @@
 
 <run_dir>/checkpoints/step_00000100/
     .metadata, *.distcp   model parameters and AdamW moments, by parameter name, at their
-                          full (single-device) shapes; RNG state
+                          full (single-device) shapes; model state buffers (aux_free's expert
+                          biases, replicated); RNG state
     meta.json             step, tokens seen, the model config, the layout it was written at
 Under tensor parallelism every tensor is a DTensor over the (dp, tp) device mesh, sharded the way
 its parameter is, so DCP writes each slice once and a later run at any other layout (or a single
@@ -48,6 +49,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
+from megamoe.model.moe.balance import expert_biases
 from megamoe.train.dist import any_rank, barrier, from_main, gather, is_main
 from megamoe.utils.fs import atomic_write_json, fsync_path, remove_stale_temps
 
@@ -120,11 +122,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _state(model: nn.Module, model_part: dict, optim_part: dict, meshes: dict | None) -> dict:
     """The DCP state dict: model and optimizer tensors by parameter name, plus RNG."""
     params = dict(model.named_parameters())
-    return {
+    state = {
         "model": {name: _global(t, params[name], meshes) for name, t in model_part.items()},
         "optim": {key: _global(t, params[key.rsplit(".", 1)[0]], meshes) for key, t in optim_part.items()},
         "rng": {"cpu": torch.get_rng_state()},
     }
+    if buffers := expert_biases(model):  # replicated model state (aux_free's expert biases): saved once, read by all
+        state["buffers"] = buffers
+    return state
 
 
 def _crc32(path: Path) -> int:
@@ -173,11 +178,13 @@ def save_checkpoint(
         remove_stale_temps(final.parent)  # what a killed save or prune left behind
         tmp.mkdir(parents=True)
     barrier()
-    model_part = {name: p.detach() for name, p in model.named_parameters()}
+    skip = getattr(model, "checkpoint_skip", set())  # a pipeline rank's copies of parameters another rank saves
+    model_part = {name: p.detach() for name, p in model.named_parameters() if name not in skip}
+    optim_part = {key: t for key, t in engine.optimizer_state().items() if key.rsplit(".", 1)[0] not in skip}
     try:
         try:
             with _quiet_dcp():
-                dcp.save(_state(model, model_part, engine.optimizer_state(), meshes), checkpoint_id=tmp)
+                dcp.save(_state(model, model_part, optim_part, meshes), checkpoint_id=tmp)
         except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
             newest, free_mib = latest_checkpoint(run_dir), shutil.disk_usage(final.parent).free / 2**20
             raise CheckpointError(  # a full disk often surfaces as a torch serializer error: say how full

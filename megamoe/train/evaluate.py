@@ -85,7 +85,8 @@ def lory_layers(model: nn.Module) -> list[int]:
     """Block indices of the Lory layers."""
     from megamoe.model.moe.lory import LoryFFN
 
-    return [i for i, block in enumerate(getattr(model, "layers", ())) if isinstance(block.ffn, LoryFFN)]
+    layers = getattr(model, "layers", ())
+    return [i for i, block in enumerate(layers) if isinstance(getattr(block, "ffn", None), LoryFFN)]
 
 
 def _routing_zeros(model: nn.Module, num_domains: int) -> torch.Tensor:

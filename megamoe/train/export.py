@@ -28,6 +28,7 @@ from megamoe.config import ModelConfig, MoEConfig
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.model import Transformer, build_model
 from megamoe.model.layers import Rotary
+from megamoe.model.moe.balance import expert_biases
 from megamoe.train.checkpoint import architecture, latest_checkpoint, load_checkpoint
 from megamoe.train.engine import PlainEngine
 from megamoe.train.run import TOKENIZER_FILE, load_run_config
@@ -98,6 +99,7 @@ def _already_exported(out: Path, run_dir: Path, checkpoint: Path | None) -> bool
 def _write(model: Transformer, meta: dict, run_dir: Path, folder: Path) -> None:
     """The three files of an export, into folder."""
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    weights |= {name: b.detach().contiguous() for name, b in expert_biases(model).items()}  # routing state
     # one metadata key: safetensors writes its metadata map in random order, and two exports of one
     # checkpoint must be byte-identical (the megamoe version is in config.json)
     save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})

@@ -22,10 +22,14 @@ LOSS_NAMES = ("balance", "z")
 class MoEMetrics:
     """Accumulator for one optimizer step."""
 
-    def __init__(self, cfg: MoEConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: MoEConfig, layers: list[int] | None = None, pp: int = 1):
+        self.cfg, self.pp = cfg, pp
         self.micro_batches = 0
         self.sums: dict[int, torch.Tensor] = {}
+        self.layers = layers
+        """Every MoE block of the model: a pipeline stage reports zeros for the blocks it does not hold."""
+        self.requested: dict[int, torch.Tensor] = {}
+        """After reduce(): per layer, the tokens that chose each expert (before capacity) over the global batch."""
 
     def add(self, moe: dict[int, MoELayerOutput]) -> None:
         """Fold in one micro-batch's per-layer outputs."""
@@ -37,18 +41,21 @@ class MoEMetrics:
 
     def reduce(self) -> dict[str, float]:
         """All metrics of the step (collective when distributed)."""
-        if not self.sums:
+        if not self.sums and not self.layers:
             return {}
-        layers = sorted(self.sums)
-        packed = torch.stack([self.sums[layer] for layer in layers])
+        layers = sorted(self.sums) if self.layers is None else self.layers
+        width = len(LOSS_NAMES) + RoutingStats.vector_size(self.cfg.num_experts)
+        zeros = torch.zeros(width, dtype=torch.float64)
+        packed = torch.stack([self.sums.get(layer, zeros) for layer in layers])
         world = 1
         if dist.is_initialized():
             dist.all_reduce(packed)
-            world = dist.get_world_size()
+            world = dist.get_world_size() // self.pp  # a layer's losses come from one pipeline stage
         metrics: dict[str, float] = {}
         for layer, vec in zip(layers, packed):
             losses = vec[: len(LOSS_NAMES)] / (self.micro_batches * world)
             stats = RoutingStats.from_vector(vec[len(LOSS_NAMES) :], self.cfg.num_experts)
+            self.requested[layer] = stats.requested_E
             metrics |= self._layer(layer, losses, stats)
         return metrics | self._overall(metrics, layers)
 

@@ -30,12 +30,14 @@ from megamoe.train import checkpoint as ckpt
 from megamoe.train.dist import any_rank, barrier, is_main, mean_over, sum_over
 from megamoe.train.domain_routing import domain_routing_metrics
 from megamoe.train.engine import PlainEngine
-from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, lory_layers, rank_share
+from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, rank_share
+from megamoe.train.expert_bias import bias_metrics, update_expert_biases
 from megamoe.train.flops import peak_tflops
 from megamoe.train.init_from import init_from
 from megamoe.train.metrics import ROUTING_DOMAINS_FILE, MetricSinks
 from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
+from megamoe.train.pipeline_steps import lory_moe_layers, moe_layers, pipeline_eval_sums, pipeline_step
 from megamoe.train.preempt import PreemptionFlag
 from megamoe.train.run import RunSetup
 from megamoe.train.upcycle import upcycle, warmup_steps
@@ -67,6 +69,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe).to(groups.device)
         set_recompute(self.model, self.cfg.train.recompute)
+        self.pipeline = self._pipeline()
         self.engine = self._engine()
         self.train_split, self.val_split = self._splits()
         self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)
@@ -101,6 +104,12 @@ class Trainer:
         layout = self.groups.layout
         if not self.groups.distributed:
             return PlainEngine(self.model, self.cfg.optim, layout.micro_batches, bf16)
+        if self.pipeline is not None:
+            from megamoe.parallel.pipeline_engine import PipelineEngine
+
+            optimizer = build_optimizer(self.model, self.cfg.optim)
+            replicas = self.pipeline.plan.replicas
+            return PipelineEngine(self.model, optimizer, self.cfg.optim.grad_clip, self.groups, replicas, bf16)
         from megamoe.parallel.zero import ZeroEngine, deepspeed_config
 
         config = deepspeed_config(
@@ -108,6 +117,16 @@ class Trainer:
             self.cfg.parallel.zero_stage, self.cfg.optim.grad_clip, bf16,
         )  # fmt: skip
         return ZeroEngine(self.model, build_optimizer(self.model, self.cfg.optim), self.groups, config)
+
+    def _pipeline(self):
+        """This rank's pipeline stages (the model pruned to them) when parallel.pipeline_parallel > 1."""
+        if self.groups.layout.pp == 1:
+            return None
+        from megamoe.parallel.pipeline_run import Pipeline
+
+        pipeline = Pipeline(self.model, self.cfg, self.groups)
+        self.model.checkpoint_skip = {r.name for r in pipeline.plan.replicas if not r.owner}
+        return pipeline
 
     def _splits(self) -> tuple[PackedSplit, PackedSplit]:
         """Train and val splits, each holding at least one full sequence."""
@@ -170,8 +189,10 @@ class Trainer:
         micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, dp.rank, dp.size, tcfg.micro_batch_size)
         self._dense_warmup()
         loss_sum = torch.zeros((), device=self.groups.device)
-        moe = MoEMetrics(self.cfg.moe) if self.cfg.moe.enabled else None
-        for ids in micro:
+        moe = MoEMetrics(self.cfg.moe, moe_layers(self.cfg), self.groups.pp.size) if self.cfg.moe.enabled else None
+        if self.pipeline is not None:
+            loss_sum = pipeline_step(self, micro, moe)
+        for ids in micro if self.pipeline is None else ():
             tokens_BL, targets_BL = self._batch(self.train_split, ids)
             ctx = RoutingContext(self.cfg.train.seed, self.step, tuple(int(i) for i in ids))
             with self.engine.autocast():
@@ -183,9 +204,19 @@ class Trainer:
         grad_norm = self.engine.step()
         self.step += 1
         loss = mean_over(loss_sum / len(micro), dp).item()
+        updates = self.updates
         self._check_finite(loss, grad_norm)
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
-        return metrics | (moe.reduce() if moe is not None else {})
+        return metrics | self._moe_step(moe, applied=self.updates > updates)
+
+    def _moe_step(self, moe: MoEMetrics | None, applied: bool) -> dict[str, float]:
+        """The step's MoE metrics (collective); aux_free: each block's bias moves by the global batch's loads."""
+        if moe is None:
+            return {}
+        metrics = moe.reduce()
+        if applied:
+            update_expert_biases(self.model, moe.requested, self.cfg.moe.bias_update_rate)
+        return metrics | bias_metrics(self.model)
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         """Count the update, or the skipped non-finite one; stop after train.max_nonfinite_steps in a row.
@@ -230,12 +261,15 @@ class Trainer:
         )
         domains = self.data.domains
         with self.engine.autocast():
-            sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.groups.device)
+            if self.pipeline is None:
+                sums = eval_sums(self.model, self.val_split, batches, seq_len, len(domains), self.groups.device)
+            else:
+                sums = pipeline_eval_sums(self, batches)
         sums = sums.reduced(lambda t: sum_over(t, dp))
         metrics = eval_metrics(sums.loss_D, sums.count_D, domains)
         if sums.routing_KDE.numel():
             routing, self.domain_routing = domain_routing_metrics(
-                sums.routing_KDE, sums.count_D, lory_layers(self.model), domains
+                sums.routing_KDE, sums.count_D, lory_moe_layers(self.cfg), domains
             )
             metrics |= routing
         return metrics

@@ -14,6 +14,7 @@ from torch import nn
 
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.layers import SwiGLU
+from megamoe.model.moe.balance import BIAS
 from megamoe.model.moe.losses import balance_loss, z_loss
 from megamoe.model.moe.noise import uniform
 from megamoe.model.moe.routing import Assignments, capacity, route, scores
@@ -53,6 +54,8 @@ class MoEFFN(nn.Module):
         self.dense = SwiGLU(model_cfg.d_model, model_cfg.ffn_hidden, factory) if cfg.residual else None
         self.record_routing = False
         """Analysis: also return every token's routing decisions (MoELayerOutput.record)."""
+        if cfg.balance == "aux_free":  # state, not a parameter: updated after each optimizer step, checkpointed
+            self.register_buffer(BIAS, torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x_LBD: torch.Tensor, state: RoutingState | None = None) -> tuple[torch.Tensor, MoELayerOutput]:
         """The block's output and its losses/statistics (state: routing context, RMoE's GRU state)."""
@@ -62,7 +65,7 @@ class MoEFFN(nn.Module):
         x_TD = x_lBD.reshape(-1, dim)
         draw = self._draw(state, rows, batch, x_TD.device)
         logits_TE = self.logits(x_TD, state, draw)
-        assign = route(logits_TE, self.cfg, self.training, draw)
+        assign = route(logits_TE, self.cfg, self.training, draw, getattr(self, BIAS, None))
         y_TD = self.dispatcher(x_TD, assign, self.experts, self._pad_to(len(x_TD)))
         y_LBD = self.tokens.merge(y_TD.view(rows, batch, dim).to(x_LBD.dtype))
         for extra in (self.shared, self.dense):
@@ -122,7 +125,7 @@ class MoEFFN(nn.Module):
     def aux_losses(self, logits_TE: torch.Tensor, assign: Assignments, seq_T: torch.Tensor, num_seqs: int) -> dict:
         """Balance loss (token choice, training) and router z-loss."""
         losses = {}
-        if self.training and assign.requested_TK is not None and self.cfg.balance_loss_coef > 0:
+        if self.training and assign.requested_TK is not None and self.cfg.uses_balance_loss:
             losses["balance"] = balance_loss(logits_TE, assign.requested_TK, seq_T, num_seqs, self.cfg, self.tokens)
         if self.cfg.z_loss_coef > 0:
             losses["z"] = z_loss(logits_TE, self.cfg, self.tokens)

@@ -76,13 +76,46 @@ def apply_capacity(expert_TK: torch.Tensor, score_TK: torch.Tensor, cap: int, cf
     return (rank_R < cap).view(k, tokens).t()
 
 
-def token_choice(logits_TE: torch.Tensor, cfg: MoEConfig, k: int, capacity_factor: float) -> Assignments:
-    """Top-k experts per token by score; capacity (if capacity_factor > 0) drops the overflow."""
+def group_limited(choice_TE: torch.Tensor, cfg: MoEConfig, k: int) -> torch.Tensor:
+    """choice_TE with the experts outside each token's top moe.topk_groups groups set to -inf (DeepSeek-V3).
+
+    A group's score is the sum of its top-n selection scores, n = max(1, k // topk_groups) (at most the
+    group's size); equal group scores keep the lower group index.
+    """
+    groups, keep = cfg.num_groups, cfg.topk_groups
+    if groups == 1 or keep in (0, groups):
+        return choice_TE
+    tokens, num_experts = choice_TE.shape
+    per = num_experts // groups
+    n = min(per, max(1, k // keep))
+    group_TG = choice_TE.view(tokens, groups, per).topk(n, dim=-1).values.sum(-1)
+    top_TM = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :keep]
+    kept_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter(1, top_TM, True)
+    return choice_TE.masked_fill(~kept_TG.repeat_interleave(per, dim=1), float("-inf"))
+
+
+def select(score_TE: torch.Tensor, cfg: MoEConfig, k: int, bias_E: torch.Tensor | None) -> torch.Tensor:
+    """expert_TK: the top-k by score + bias (aux_free's bias steers the choice only), inside the kept groups."""
+    choice_TE = score_TE.detach() if bias_E is None else score_TE.detach() + bias_E.to(score_TE.dtype)
+    return torch.topk(group_limited(choice_TE, cfg, k), k, dim=-1).indices
+
+
+def token_choice(
+    logits_TE: torch.Tensor, cfg: MoEConfig, k: int, capacity_factor: float, bias_E: torch.Tensor | None = None
+) -> Assignments:
+    """Top-k experts per token by score (+ bias); capacity (if capacity_factor > 0) drops the overflow.
+
+    The combine weights are the unbiased scores of the chosen experts (renormalized over them with
+    moe.renormalize), times moe.routed_scaling.
+    """
     score_TE = scores(logits_TE, cfg.score_fn)
-    top_score_TK, expert_TK = torch.topk(score_TE, k, dim=-1)
+    expert_TK = select(score_TE, cfg, k, bias_E)
+    top_score_TK = score_TE.gather(1, expert_TK)
     weight_TK = top_score_TK
     if cfg.renormalize:
         weight_TK = top_score_TK / top_score_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    if cfg.routed_scaling != 1.0:
+        weight_TK = weight_TK * cfg.routed_scaling
     kept_TK = torch.ones_like(expert_TK, dtype=torch.bool)
     if capacity_factor > 0:
         cap = capacity(len(logits_TE), cfg, capacity_factor, k)
@@ -159,8 +192,16 @@ def sparsemixer(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool, draw: D
     )
 
 
-def route(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool, draw: Draw | None = None) -> Assignments:
-    """The configured routing; expert choice falls back to causal token choice outside training."""
+def route(
+    logits_TE: torch.Tensor,
+    cfg: MoEConfig,
+    training: bool,
+    draw: Draw | None = None,
+    bias_E: torch.Tensor | None = None,
+) -> Assignments:
+    """The configured routing; expert choice falls back to causal token choice outside training.
+
+    bias_E: aux_free's per-expert selection bias (token choice only)."""
     if cfg.routing == "sparsemixer":
         return sparsemixer(logits_TE, cfg, training, draw)
     if cfg.routing == "expert_choice":
@@ -169,4 +210,4 @@ def route(logits_TE: torch.Tensor, cfg: MoEConfig, training: bool, draw: Draw | 
         k = cfg.eval_top_k or max(1, round(cfg.capacity_factor))
         return token_choice(logits_TE, cfg, min(k, cfg.num_experts), cfg.eval_capacity_factor)
     capacity_factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
-    return token_choice(logits_TE, cfg, cfg.top_k, capacity_factor)
+    return token_choice(logits_TE, cfg, cfg.top_k, capacity_factor, bias_E)

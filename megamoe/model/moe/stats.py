@@ -37,11 +37,20 @@ class RoutingStats:
         """All fields as one fp64 vector (one all-reduce)."""
         return torch.cat([getattr(self, f.name).double().reshape(-1).cpu() for f in fields(self)])
 
+    @staticmethod
+    def _sizes(num_experts: int) -> list[int]:
+        """Lengths of the fields in to_vector's order."""
+        return [num_experts, num_experts, POSITION_BUCKETS, POSITION_BUCKETS, POSITION_BUCKETS, 1, num_experts]
+
+    @classmethod
+    def vector_size(cls, num_experts: int) -> int:
+        """Length of to_vector's result."""
+        return sum(cls._sizes(num_experts))
+
     @classmethod
     def from_vector(cls, vec: torch.Tensor, num_experts: int) -> RoutingStats:
         """Inverse of to_vector."""
-        sizes = [num_experts, num_experts, POSITION_BUCKETS, POSITION_BUCKETS, POSITION_BUCKETS, 1, num_experts]
-        parts = torch.split(vec, sizes)
+        parts = torch.split(vec, cls._sizes(num_experts))
         return cls(*parts[:5], parts[5].reshape(()), parts[6])
 
 

@@ -1,0 +1,159 @@
+"""Pipeline parallelism: the model's blocks split into chunks run by torch.distributed.pipelining.
+
+Shape legend: B micro-batch, L sequence (this rank's slice under sequence parallelism), D width,
+V vocabulary (this TP rank's), T tokens a MoE block routes, P RMoE's GRU state width.
+
+Each rank builds the whole model (layout-independent init by name), then keeps only what its
+chunks need (`prune`): the embedding on the first chunk, the final norm and LM head on the last,
+its blocks, and RMoE's shared GRU on every rank. Between chunks travel the hidden states, the
+micro-batch's sample ids (so every chunk draws GRIN's and the jitter's layout-independent routing
+noise from the same (seed, step, layer, sample) streams) and, for RMoE, the GRU state. What crosses
+stages stays exact:
+
+* MoE auxiliary losses: the last stage's loss function never sees them, so each chunk attaches its
+  blocks' aux loss to its output hidden state with an identity whose backward also sends the loss's
+  gradient into it (megatron-core's MoEAuxLossAutoScaler);
+* tied embeddings: the last stage keeps a copy of the embedding matrix for its head; the copies'
+  gradients are summed over the first and last stage (`Replica`);
+* RMoE: every pipeline rank keeps the shared GRU; its gradient is summed over the pipeline;
+* the loss of a micro-batch is its mean token loss / m (m micro-batches), and each aux loss gets
+  gradient 1/m: the single-process step's Σ (loss + aux)/m, with no further gradient scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.config import Config
+from megamoe.model.moe.noise import RoutingContext
+from megamoe.model.moe.state import RoutingState
+from megamoe.model.recompute import checkpointed_block
+from megamoe.model.transformer import Transformer
+from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.stages import chunks_of_rank, split_layers
+
+
+class _AuxGrad(torch.autograd.Function):
+    """Identity on h; its backward also gives the auxiliary loss the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, h_LBD, aux, scale: float):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return h_LBD.view_as(h_LBD)
+
+    @staticmethod
+    def backward(ctx, grad_LBD):
+        (aux,) = ctx.saved_tensors
+        return grad_LBD, torch.full_like(aux, ctx.scale), None
+
+
+@dataclass
+class Replica:
+    """A parameter kept on several pipeline ranks: its gradient is summed over `group`; `owner` saves it."""
+
+    name: str
+    group: dist.ProcessGroup | None
+    owner: bool
+
+
+class Chunk(nn.Module):
+    """Blocks [start, stop) of a pruned model, with the embedding (first chunk) or norm and head (last)."""
+
+    def __init__(self, model: Transformer, start: int, stop: int, first: bool, last: bool, micro_batches: int):
+        super().__init__()
+        self.model, self.start, self.stop, self.first, self.last = model, start, stop, first, last
+        self.micro_batches = micro_batches
+        self.seed, self.step = 0, 0
+        self.outputs: list[dict] = []
+        """Per micro-batch (in order): {block index: MoELayerOutput} of this chunk's MoE blocks."""
+
+    def forward(self, x, ids_B: torch.Tensor, gru_TP: torch.Tensor | None = None):
+        """Embedding (first) → blocks → norm and head (last): logits_LBV, else (h_LBD, ids_B[, gru_TP])."""
+        model = self.model
+        h_LBD = model.embed(x) if self.first else x
+        ctx = RoutingContext(self.seed, self.step, tuple(int(i) for i in ids_B.tolist()))
+        state = RoutingState(ctx, model.router_gru, h_TP=gru_TP)
+        moe, aux = {}, []
+        recompute = model.recompute_blocks and torch.is_grad_enabled()
+        for index in range(self.start, self.stop):
+            layer = model.layers[index]
+            if recompute:
+                h_LBD, out = checkpointed_block(layer, h_LBD, model.rotary, state)
+            else:
+                h_LBD, out = layer(h_LBD, model.rotary, state)
+            if out is not None:
+                moe[index] = out
+                aux += list(out.losses.values())
+        self.outputs.append(moe)
+        if aux and torch.is_grad_enabled():
+            h_LBD = _AuxGrad.apply(h_LBD, torch.stack(aux).sum(), 1.0 / self.micro_batches)
+        if self.last:
+            tied = model.embed.weight if model.cfg.tie_embeddings else None
+            return model.lm_head(model.norm(h_LBD), tied)
+        if model.router_gru is None:
+            return h_LBD, ids_B
+        gru_TP = state.h_TP if state.h_TP is not None else h_LBD.new_zeros(1, model.moe_cfg.gru_hidden)
+        return h_LBD, ids_B, gru_TP
+
+
+@dataclass
+class Plan:
+    """This rank's share of the pipeline."""
+
+    chunks: list[Chunk]
+    bounds: list[tuple[int, int]]
+    """[start, stop) blocks of every chunk of the model (all ranks)."""
+    replicas: list[Replica] = field(default_factory=list)
+
+
+def prune(model: Transformer, cfg: Config, groups: ParallelGroups) -> Plan:
+    """Keep this rank's chunks of model (in place) and describe them; the rest is freed."""
+    pp, vpp = groups.pp.size, cfg.parallel.virtual_stages
+    bounds = split_layers(cfg, pp * vpp)
+    mine = chunks_of_rank(groups.pp.rank, pp, vpp)
+    keep = {i for c in mine for i in range(*bounds[c])}
+    for index in range(len(model.layers)):
+        if index not in keep:
+            model.layers[index] = nn.Identity()
+    first, last = 0 in mine, len(bounds) - 1 in mine
+    tied = cfg.model.tie_embeddings
+    if not first and not (last and tied):
+        model.embed = None
+    if not last:
+        model.norm, model.lm_head = None, None
+    chunks = [Chunk(model, *bounds[c], c == 0, c == len(bounds) - 1, groups.layout.micro_batches) for c in mine]
+    return Plan(chunks, bounds, _replicas(model, groups, first, last, tied))
+
+
+def _replicas(model: Transformer, groups: ParallelGroups, first: bool, last: bool, tied: bool) -> list[Replica]:
+    """The tied embedding (first and last stage) and RMoE's GRU (every stage)."""
+    out = []
+    if tied:
+        group = _ends_group(groups)
+        if first or last:
+            out.append(Replica("embed.weight", group, owner=first))
+    if model.router_gru is not None:
+        owner = groups.pp.rank == 0
+        out += [Replica(f"router_gru.{n}", groups.pp.group, owner) for n, _ in model.router_gru.named_parameters()]
+    return out
+
+
+def _ends_group(groups: ParallelGroups) -> dist.ProcessGroup:
+    """The group of this pipeline's first and last stage ranks (every rank creates every pipeline's group)."""
+    per_stage, pp = groups.world // groups.pp.size, groups.pp.size
+    mine = None
+    for position in range(per_stage):
+        group = dist.new_group([position, position + per_stage * (pp - 1)])
+        if groups.rank in (position, position + per_stage * (pp - 1)):
+            mine = group
+    return mine
+
+
+def pp_stage_of(plan: Plan, chunk: Chunk) -> int:
+    """The pipeline stage index of one of this rank's chunks."""
+    return plan.bounds.index((chunk.start, chunk.stop))
