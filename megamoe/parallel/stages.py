@@ -26,10 +26,9 @@ def block_params(cfg: Config) -> list[int]:
     return [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
 
 
-def balanced(costs: list[int], chunks: int) -> list[int]:
-    """Blocks per chunk (each ≥ 1, in order) minimizing the largest chunk's summed cost."""
-    n = len(costs)
-    prefix = [0]
+def _partition(costs: list[int], chunks: int, part_cost) -> list[int]:
+    """Blocks per chunk (each ≥ 1, in order) minimizing the sum of part_cost over chunks (None = not allowed)."""
+    n, prefix = len(costs), [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
@@ -39,14 +38,29 @@ def balanced(costs: list[int], chunks: int) -> list[int]:
     for k in range(1, chunks + 1):
         for end in range(k, n + 1):
             for start in range(k - 1, end):
-                worst = max(best[k - 1][start], prefix[end] - prefix[start])
-                if worst < best[k][end]:
-                    best[k][end], cut[k][end] = worst, start
+                value = part_cost(best[k - 1][start], prefix[end] - prefix[start])
+                if value < best[k][end]:
+                    best[k][end], cut[k][end] = value, start
     sizes, end = [], n
     for k in range(chunks, 0, -1):
         sizes.append(end - cut[k][end])
         end = cut[k][end]
     return sizes[::-1]
+
+
+def balanced(costs: list[int], chunks: int) -> list[int]:
+    """Blocks per chunk minimizing the largest chunk's cost, then (among those) the sum of squared costs."""
+    worst = max(_chunk_costs(costs, _partition(costs, chunks, max)))
+    return _partition(costs, chunks, lambda acc, part: acc + part * part if part <= worst else float("inf"))
+
+
+def _chunk_costs(costs: list[int], sizes: list[int]) -> list[int]:
+    """Summed cost of each chunk."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(sum(costs[start : start + size]))
+        start += size
+    return out
 
 
 def split_layers(cfg: Config, chunks: int) -> list[tuple[int, int]]:

@@ -61,3 +61,57 @@ def test_zero_stage_choices():
         load_config(None, ["parallel.zero_stage=3"])
     with pytest.raises(ConfigError, match=r"parallel.zero_stage: expected one of 0, 1, 2, got True"):
         load_config(None, ["parallel.zero_stage=true"])
+
+
+PIPE = ["parallel.pipeline_parallel=2", "parallel.zero_stage=0"]
+
+
+def test_good_pipeline_layouts():
+    lay = layout(8, *PIPE, "parallel.tensor_parallel=2", "train.global_batch_size=16", "train.micro_batch_size=2")
+    assert (lay.pp, lay.tp, lay.dp, lay.micro_batches, lay.describe()) == (2, 2, 2, 4, "pp2-tp2-dp2")
+    lay = layout(4, *PIPE, "parallel.expert_parallel=2", "moe.routing=topk", "train.global_batch_size=8",
+                 "train.micro_batch_size=2")  # fmt: skip
+    assert (lay.dp, lay.ep, lay.edp) == (2, 2, 1)
+    lay = layout(2, *PIPE, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+                 "train.global_batch_size=8", "train.micro_batch_size=2")  # fmt: skip
+    assert lay.describe() == "pp2v2-tp1-dp1"
+
+
+def test_balanced_split_counts_embedding_and_head():
+    """A big vocabulary pushes blocks away from the first and last chunk."""
+    from megamoe.parallel.stages import split_layers
+
+    cfg = load_config(None, ["model.vocab_size=65536", "model.num_layers=8", "model.d_model=64", "model.num_heads=4"])
+    sizes = [stop - start for start, stop in split_layers(cfg, 4)]
+    assert sum(sizes) == 8 and sizes[0] < sizes[1] and sizes[-1] < sizes[-2], sizes
+    even = load_config(None, ["model.vocab_size=64", "model.num_layers=8"])
+    assert [b - a for a, b in split_layers(even, 4)] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "match"),
+    [
+        (2, ["parallel.pipeline_parallel=2"], r"parallel.zero_stage: \(1\) must be 0 with parallel.pipeline_parallel"),
+        (4, [*PIPE, "parallel.tensor_parallel=3"],
+         r"parallel.tensor_parallel: parallel.tensor_parallel \(3\) × parallel.pipeline_parallel \(2\) must divide"),
+        (2, [*PIPE, "train.global_batch_size=2", "train.micro_batch_size=2"],
+         r"train.global_batch_size: gives 1 pipeline micro-batches per data-parallel rank; the pipeline needs at "
+         r"least parallel.pipeline_parallel \(2\)"),
+        (2, [*PIPE, "parallel.pipeline_split=1,2"], r"parallel.pipeline_split: '1,2' must list 2 block counts"),
+        (2, [*PIPE, "parallel.pipeline_split=a,b"], r"parallel.pipeline_split: must be comma-separated block counts"),
+        (2, [*PIPE, "model.num_layers=1"], r"parallel.pipeline_parallel: × parallel.virtual_stages = 2 pipeline "
+                                            r"chunks, more than model.num_layers \(1\)"),
+        (2, [*PIPE, "train.pipeline_microbatches=3"], r"train.pipeline_microbatches: \(3\) must equal"),
+        (2, [*PIPE, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+             "train.global_batch_size=6", "train.micro_batch_size=2"],
+         r"interleaved 1F1B needs a multiple of parallel.pipeline_parallel"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_layouts(world, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        layout(world, *overrides)
+
+
+def test_virtual_stages_need_interleaving():
+    with pytest.raises(ConfigError, match=r"parallel.virtual_stages: \(2\) > 1 needs parallel.pipeline_schedule"):
+        load_config(None, ["parallel.virtual_stages=2"])
