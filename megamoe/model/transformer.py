@@ -99,16 +99,8 @@ class Transformer(nn.Module):
         cache turns on incremental decoding (keys/values and Lory's routing are kept in it).
         """
         h_LBD = self.embed(tokens_BL)
-        moe: dict[int, MoELayerOutput] = {}
         state = RoutingState(ctx, self.router_gru, cache=cache)
-        recompute = self.recompute_blocks and torch.is_grad_enabled() and cache is None
-        for index, layer in enumerate(self.layers):
-            if recompute:
-                h_LBD, aux = checkpointed_block(layer, h_LBD, self.rotary, state)
-            else:
-                h_LBD, aux = layer(h_LBD, self.rotary, state)
-            if aux is not None:
-                moe[index] = aux
+        h_LBD, moe = self.run_blocks(h_LBD, state, range(len(self.layers)))
         tied_weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits_LBV = self.lm_head(self.norm(h_LBD), tied_weight)
         token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
@@ -118,6 +110,22 @@ class Transformer(nn.Module):
             (loss for out in moe.values() for loss in out.losses.values()), torch.zeros((), device=h_LBD.device)
         )
         return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL, aux_loss, moe)
+
+    def run_blocks(
+        self, h_LBD: torch.Tensor, state: RoutingState, indices: range
+    ) -> tuple[torch.Tensor, dict[int, MoELayerOutput]]:
+        """Blocks `indices` in order (recomputed in backward under full recompute); the MoE blocks' outputs."""
+        moe: dict[int, MoELayerOutput] = {}
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and state.cache is None
+        for index in indices:
+            layer = self.layers[index]
+            if recompute:
+                h_LBD, aux = checkpointed_block(layer, h_LBD, self.rotary, state)
+            else:
+                h_LBD, aux = layer(h_LBD, self.rotary, state)
+            if aux is not None:
+                moe[index] = aux
+        return h_LBD, moe
 
     def set_dense_phase(self, dense: bool) -> None:
         """Dense warm-up: every MoE block routes everything to expert 0 (Lory's upcycling recipe)."""

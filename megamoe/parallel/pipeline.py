@@ -31,7 +31,6 @@ from torch import nn
 from megamoe.config import Config
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.moe.state import RoutingState
-from megamoe.model.recompute import checkpointed_block
 from megamoe.model.transformer import Transformer
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.stages import chunks_of_rank, split_layers
@@ -78,17 +77,8 @@ class Chunk(nn.Module):
         h_LBD = model.embed(x) if self.first else x
         ctx = RoutingContext(self.seed, self.step, tuple(int(i) for i in ids_B.tolist()))
         state = RoutingState(ctx, model.router_gru, h_TP=gru_TP)
-        moe, aux = {}, []
-        recompute = model.recompute_blocks and torch.is_grad_enabled()
-        for index in range(self.start, self.stop):
-            layer = model.layers[index]
-            if recompute:
-                h_LBD, out = checkpointed_block(layer, h_LBD, model.rotary, state)
-            else:
-                h_LBD, out = layer(h_LBD, model.rotary, state)
-            if out is not None:
-                moe[index] = out
-                aux += list(out.losses.values())
+        h_LBD, moe = model.run_blocks(h_LBD, state, range(self.start, self.stop))
+        aux = [loss for out in moe.values() for loss in out.losses.values()]
         self.outputs.append(moe)
         if aux and torch.is_grad_enabled():
             h_LBD = _AuxGrad.apply(h_LBD, torch.stack(aux).sum(), 1.0 / self.micro_batches)

@@ -11,7 +11,6 @@ summed over the pipeline. ZeRO is not used with pipelines (parallel.zero_stage m
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -20,10 +19,10 @@ from torch import nn
 
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.pipeline import Replica
-from megamoe.utils.state import OPTIM_KEYS
+from megamoe.utils.state import TorchAdamEngine
 
 
-class PipelineEngine:
+class PipelineEngine(TorchAdamEngine):
     """AdamW on this rank's parameters, with the reductions a pipeline needs."""
 
     def __init__(
@@ -36,17 +35,6 @@ class PipelineEngine:
         self.bf16 = bf16
         self.device_type = groups.device.type
         self._not_owned = {r.name for r in replicas if not r.owner}
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast with fp32 master weights, or nothing."""
-        if self.bf16:
-            return torch.autocast(self.device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every param group."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     @torch.no_grad()
     def _reduce(self) -> None:
@@ -95,23 +83,3 @@ class PipelineEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """exp_avg / exp_avg_sq of every parameter of this rank, by '<param name>.<key>'."""
-        state = {}
-        for name, param in self.model.named_parameters():
-            param_state = self.optimizer.state.get(param, {})
-            for key in OPTIM_KEYS:
-                value = param_state.get(key)
-                state[f"{name}.{key}"] = torch.zeros_like(param) if value is None else value
-        return state
-
-    @torch.no_grad()
-    def load_state(self, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], step: int) -> None:
-        """Restore every parameter, its exp_avg / exp_avg_sq, and the step count."""
-        for name, param in self.model.named_parameters():
-            param.copy_(params[name])
-            self.optimizer.state[param] = {
-                "step": torch.tensor(float(step)),
-                **{key: state[f"{name}.{key}"].to(param.device).clone() for key in OPTIM_KEYS},
-            }

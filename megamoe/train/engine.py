@@ -7,18 +7,17 @@ expose the same methods, and the checkpoint format is the same for both.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
 from megamoe.config import OptimConfig
-from megamoe.train.optim import build_optimizer, set_lr
-from megamoe.utils.state import OPTIM_KEYS
+from megamoe.train.optim import build_optimizer
+from megamoe.utils.state import TorchAdamEngine
 
 
-class PlainEngine:
+class PlainEngine(TorchAdamEngine):
     """Single-process training steps."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, micro_batches: int, bf16: bool):
@@ -28,16 +27,6 @@ class PlainEngine:
         self.micro_batches = micro_batches
         self.device_type = next(model.parameters()).device.type
         self.bf16 = bf16
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast with fp32 master weights, or nothing."""
-        if self.bf16:
-            return torch.autocast(self.device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every param group."""
-        set_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's mean loss."""
@@ -53,23 +42,3 @@ class PlainEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """exp_avg / exp_avg_sq of every parameter, by '<param name>.<key>'."""
-        state = {}
-        for name, param in self.model.named_parameters():
-            param_state = self.optimizer.state.get(param, {})
-            for key in OPTIM_KEYS:
-                value = param_state.get(key)
-                state[f"{name}.{key}"] = torch.zeros_like(param) if value is None else value
-        return state
-
-    @torch.no_grad()
-    def load_state(self, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], step: int) -> None:
-        """Restore every parameter, its exp_avg / exp_avg_sq, and the step count."""
-        for name, param in self.model.named_parameters():
-            param.copy_(params[name])
-            self.optimizer.state[param] = {
-                "step": torch.tensor(float(step)),
-                **{key: state[f"{name}.{key}"].to(param.device).clone() for key in OPTIM_KEYS},
-            }
