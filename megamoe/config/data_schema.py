@@ -52,6 +52,8 @@ class DataConfig:
 
     path: str = ""
     """Corpus: '' = the embedded corpus (Python stdlib sources); else a file, glob or saved dataset dir."""
+    embedded_unit: Literal["module", "definition"] = "module"
+    """Embedded corpus documents: whole modules, or each top-level function/class (+ the module's rest)."""
     format: Literal["auto", "jsonl", "json", "parquet", "text", "arrow"] = "auto"
     """File format of data.path; auto = from the file extension (a directory = a saved dataset)."""
     text_field: str = "text"
@@ -85,3 +87,8 @@ class DataConfig:
         _non_negative(self, "max_documents")
         _check(bool(self.text_field), "text_field", "must not be empty")
         _check(bool(self.cache_dir), "cache_dir", "must not be empty")
+        _check(
+            self.embedded_unit == "module" or not self.path,
+            "embedded_unit",
+            f"cuts the embedded corpus; data.path is set ({self.path!r})",
+        )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megamoe.config import DataConfig
+from megamoe.data.definitions import split_definitions
 from megamoe.data.diagnose import first_bad_json, first_bad_line
 from megamoe.errors import DataError
 from megamoe.utils.fs import disk_full_reason
@@ -57,14 +58,16 @@ def embedded_files() -> list[tuple[Path, str]]:
     return files
 
 
-def _embedded_dataset() -> datasets.Dataset:
-    """The embedded corpus: one document per stdlib module."""
+def _embedded_dataset(unit: str = "module") -> datasets.Dataset:
+    """The embedded corpus: one document per stdlib module, or per top-level definition (data.embedded_unit)."""
     import datasets
 
     texts, domains = [], []
     for path, domain in embedded_files():
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        domains.append(domain)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts = [text] if unit == "module" else split_definitions(text)
+        texts += parts
+        domains += [domain] * len(parts)
     return datasets.Dataset.from_dict({"text": texts, "domain": domains})
 
 
@@ -197,7 +200,7 @@ def load_documents(cfg: DataConfig, hf_cache: Path) -> datasets.Dataset:
     import datasets
 
     if not cfg.path:
-        return _embedded_dataset()
+        return _embedded_dataset(cfg.embedded_unit)
     parts = [_select_columns(_read_one(p, cfg, hf_cache), p, cfg) for p in resolve_files(cfg)]
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from megamoe.config import DataConfig
 from megamoe.data.corpus import load_documents, source_fingerprint
+from megamoe.data.doc_stats import document_stats
 from megamoe.data.packed import PackedSplit, SplitWriter, token_dtype
 from megamoe.data.tokenizer import eod_id, load_tokenizer, train_bpe
 from megamoe.errors import DataError, MegamoeError
@@ -79,6 +80,8 @@ def key_settings(cfg: DataConfig) -> dict:
     """The settings that change the output (the similarity section only when it is used)."""
     settings = {f: getattr(cfg, f) for f in KEY_FIELDS}
     settings["similarity"] = dataclasses.asdict(cfg.similarity) if cfg.order == "similarity" else None
+    if not cfg.path and cfg.embedded_unit != "module":  # absent by default: earlier caches keep their keys
+        settings["embedded_unit"] = cfg.embedded_unit
     return settings
 
 
@@ -237,6 +240,7 @@ def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
         for name, idx in splits.items()
     }
     ppl = unigram_perplexity(PackedSplit(out / "train", dtype), PackedSplit(out / "val", dtype), vocab)
+    train = PackedSplit(out / "train", dtype)
     manifest = {
         "key": key,
         "format_version": FORMAT_VERSION,
@@ -246,6 +250,7 @@ def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
         "dtype": dtype.name,
         "domains": domains,
         "documents": {"total": len(docs), "empty_skipped": empty, "used": sum(map(len, splits.values()))},
+        "train_documents": document_stats(train.doc_offsets, len(train.tokens)),
         "similarity": similarity,
         "splits": counts,
         "unigram_val_ppl": ppl,
