@@ -92,12 +92,13 @@ def test_resume_across_pipeline_layouts(references, data_cache, tmp_path):
 
 
 def test_export_and_eval_from_a_pipeline_run(data_cache, tiny_data, tmp_path):
-    """A pp2 run's checkpoint holds every stage's tensors once: export, eval and generate read it."""
+    """A pp2 run's checkpoint holds every stage's tensors once (the tied embedding from the first stage only):
+    export, eval, analyze and generate read it."""
     import torch
 
     from megamoe.cli.main import main
 
-    launch(2, data_cache, tmp_path / "run", *PP, *FAMILIES["tied"], P2, "train.max_steps=3")
+    launch(2, data_cache, tmp_path / "run", *PP, *FAMILIES["tied"], *MOE, P2, "train.max_steps=3")
     model, _ = load_run_model(tmp_path / "run")
     exported = load_exported(export_run(tmp_path / "run", tmp_path / "export"))
     tokens = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.seq_len), generator=torch.Generator().manual_seed(0))
@@ -105,3 +106,5 @@ def test_export_and_eval_from_a_pipeline_run(data_cache, tiny_data, tmp_path):
         torch.testing.assert_close(exported(tokens).logits_BLV, model(tokens).logits_BLV, rtol=0, atol=0)
     assert main(["eval", str(tmp_path / "run"), "--max-sequences", "2"]) == 0
     assert main(["generate", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "4"]) == 0
+    assert main(["analyze", str(tmp_path / "run"), "--max-sequences", "2"]) == 0
+    assert (tmp_path / "run" / "analysis" / "report.md").is_file()
