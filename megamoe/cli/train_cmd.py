@@ -1,7 +1,8 @@
 """`megamoe train`: train (or resume) one run, single-process or under torchrun/SLURM.
 
-`--dry-run [--world-size N]` checks the parallel layout for N ranks and prints the resolved config
-with total, active and per-rank parameter counts, without starting any process.
+`--dry-run [--world-size N] [--device-memory 80GB]` checks the parallel layout for N ranks and prints
+the resolved config with total, active and per-rank parameter counts and the per-rank memory plan
+(megamoe.parallel.memory), without starting any process.
 """
 
 from __future__ import annotations
@@ -24,17 +25,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: validate the layout for N ranks")
+    p.add_argument(
+        "--device-memory", metavar="SIZE", default=None,
+        help="with --dry-run: say whether the worst rank's memory plan fits SIZE (80GB, 141GiB, 512MB)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
-def dry_run(cfg, world: int) -> int:
-    """Validate the layout for `world` ranks; print the config and total/active/per-rank parameter counts."""
+def dry_run(cfg, world: int, device_memory: str | None = None) -> int:
+    """Validate the layout for `world` ranks; print the config, parameter counts and the per-rank memory plan."""
     from megamoe.config import config_to_yaml
     from megamoe.config.resolve import with_vocab
     from megamoe.data.tokenizer import load_tokenizer
     from megamoe.model.params import flops_per_token, meta_counts
     from megamoe.parallel.layout import resolve_layout
+    from megamoe.parallel.memory import format_plan, parse_bytes, plan_memory
 
+    capacity = parse_bytes(device_memory) if device_memory is not None else None
     if cfg.data.tokenizer:
         vocab, source = load_tokenizer(cfg.data.tokenizer).get_vocab_size(), cfg.data.tokenizer
     else:
@@ -50,6 +57,7 @@ def dry_run(cfg, world: int) -> int:
     print(f"# parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
     print(f"# parameters per rank: {per_rank.total:,} (model replicas: {layout.dp})")
     print(f"# training FLOPs per token: {flops_per_token(cfg.model, counts, cfg.moe):,.0f}")
+    print("\n".join(format_plan(plan_memory(cfg, layout), capacity)))
     return 0
 
 
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(*split_config_args(args.args))
     world = launched_world_size()
     if args.dry_run:
-        return dry_run(cfg, args.world_size or world)
+        return dry_run(cfg, args.world_size or world, args.device_memory)
     layout = resolve_layout(cfg, world)
     checkpoint = Path(args.resume_from) if args.resume_from else None
     if checkpoint is not None and not (checkpoint / "meta.json").is_file():

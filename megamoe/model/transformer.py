@@ -67,21 +67,40 @@ class Block(nn.Module):
         return x_LBD + self.ffn(self.ffn_norm(x_LBD)), None
 
 
+@dataclass(frozen=True)
+class Part:
+    """What a pipeline rank builds of the model: its blocks, and the embedding and/or final norm and head."""
+
+    blocks: frozenset[int]
+    embed: bool
+    head: bool
+
+
 class Transformer(nn.Module):
     """Embedding → blocks → final norm → LM head (optionally tied to the embedding)."""
 
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None, moe: MoEConfig | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        factory: LayerFactory | None = None,
+        moe: MoEConfig | None = None,
+        part: Part | None = None,
+    ):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
         self.cfg, self.moe_cfg = cfg, moe or MoEConfig()
         self.factory = factory or LayerFactory()
-        self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self.moe_cfg, self.factory, i) for i in range(cfg.num_layers))
+        part = part or Part(frozenset(range(cfg.num_layers)), embed=True, head=True)
+        self.embed = self.factory.embedding(cfg.vocab_size, cfg.d_model) if part.embed else None
+        self.layers = nn.ModuleList(
+            Block(cfg, self.moe_cfg, self.factory, i) if i in part.blocks else nn.Identity()
+            for i in range(cfg.num_layers)
+        )
         gru = self.moe_cfg.enabled and self.moe_cfg.scorer == "gru"
         self.router_gru = GRUCell(self.moe_cfg.gru_hidden) if gru else None
-        self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
+        self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps) if part.head else None
+        self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings) if part.head else None
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.recompute_blocks = False
         """Full activation recompute (train.recompute=full): blocks keep only their input."""
@@ -135,9 +154,13 @@ class Transformer(nn.Module):
 
 
 def build_model(
-    cfg: ModelConfig, seed: int, factory: LayerFactory | None = None, moe: MoEConfig | None = None
+    cfg: ModelConfig,
+    seed: int,
+    factory: LayerFactory | None = None,
+    moe: MoEConfig | None = None,
+    part: Part | None = None,
 ) -> Transformer:
-    """A Transformer with every parameter initialized from (seed, parameter name)."""
-    model = Transformer(cfg, factory, moe)
+    """A Transformer (or a pipeline rank's part of it) with every parameter initialized from (seed, parameter name)."""
+    model = Transformer(cfg, factory, moe, part)
     init_parameters(model, cfg, seed)
     return model

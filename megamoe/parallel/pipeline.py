@@ -31,7 +31,7 @@ from torch import nn
 from megamoe.config import Config
 from megamoe.model.moe.noise import RoutingContext
 from megamoe.model.moe.state import RoutingState
-from megamoe.model.transformer import Transformer
+from megamoe.model.transformer import Part, Transformer
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.stages import chunks_of_rank, split_layers
 
@@ -101,21 +101,31 @@ class Plan:
     replicas: list[Replica] = field(default_factory=list)
 
 
+def stage_part(cfg: Config, pp_rank: int, pp: int) -> Part:
+    """What pipeline rank pp_rank builds: its chunks' blocks, the embedding (first chunk, or the last's tied
+    copy) and the final norm and head (last chunk); nothing else is ever allocated."""
+    vpp = cfg.parallel.virtual_stages
+    bounds = split_layers(cfg, pp * vpp)
+    mine = chunks_of_rank(pp_rank, pp, vpp)
+    first, last = 0 in mine, len(bounds) - 1 in mine
+    blocks = frozenset(i for c in mine for i in range(*bounds[c]))
+    return Part(blocks, embed=first or (last and cfg.model.tie_embeddings), head=last)
+
+
 def prune(model: Transformer, cfg: Config, groups: ParallelGroups) -> Plan:
-    """Keep this rank's chunks of model (in place) and describe them; the rest is freed."""
+    """This rank's chunks of model (built with stage_part's Part, or whole: then the rest is freed)."""
     pp, vpp = groups.pp.size, cfg.parallel.virtual_stages
     bounds = split_layers(cfg, pp * vpp)
     mine = chunks_of_rank(groups.pp.rank, pp, vpp)
-    keep = {i for c in mine for i in range(*bounds[c])}
+    part = stage_part(cfg, groups.pp.rank, pp)
     for index in range(len(model.layers)):
-        if index not in keep:
+        if index not in part.blocks:
             model.layers[index] = nn.Identity()
-    first, last = 0 in mine, len(bounds) - 1 in mine
-    tied = cfg.model.tie_embeddings
-    if not first and not (last and tied):
+    if not part.embed:
         model.embed = None
-    if not last:
+    if not part.head:
         model.norm, model.lm_head = None, None
+    first, last, tied = 0 in mine, len(bounds) - 1 in mine, cfg.model.tie_embeddings
     chunks = [Chunk(model, *bounds[c], c == 0, c == len(bounds) - 1, groups.layout.micro_batches) for c in mine]
     return Plan(chunks, bounds, _replicas(model, groups, first, last, tied))
 

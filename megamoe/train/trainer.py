@@ -67,7 +67,9 @@ class Trainer:
         self.data = setup.data
         self.groups = groups
         torch.manual_seed(self.cfg.train.seed)
-        self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe).to(groups.device)
+        self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe, self._part()).to(
+            groups.device
+        )
         set_recompute(self.model, self.cfg.train.recompute)
         self.pipeline = self._pipeline()
         self.engine = self._engine()
@@ -117,6 +119,14 @@ class Trainer:
             self.cfg.parallel.zero_stage, self.cfg.optim.grad_clip, bf16,
         )  # fmt: skip
         return ZeroEngine(self.model, build_optimizer(self.model, self.cfg.optim), self.groups, config)
+
+    def _part(self):
+        """A pipeline rank builds only its stage (None: the whole model)."""
+        if self.groups.layout.pp == 1:
+            return None
+        from megamoe.parallel.pipeline import stage_part
+
+        return stage_part(self.cfg, self.groups.pp.rank, self.groups.pp.size)
 
     def _pipeline(self):
         """This rank's pipeline stages (the model pruned to them) when parallel.pipeline_parallel > 1."""
