@@ -59,6 +59,8 @@ bench: install
 	$(PY) -m bench.router_overhead
 	$(PY) -m bench.lory_layer
 	$(PY) -m bench.similarity_order
+	$(PY) -m bench.pipeline_bubble
+	$(PY) -m bench.recompute
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts run at tiny shapes on the CPU; peers that cannot run here are skipped cleanly."""
+"""The benchmark scripts run at tiny shapes on the CPU (GPU peers that cannot run here are skipped cleanly)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,21 @@ def test_peer_moe_layers_tiny():
     assert by[("dropless", "megamoe")][4] == "1.00" and by[("capacity 1.25", "megamoe")][4] == "1.00"
     assert by[("dropless", "megatron-core MoELayer")][2].startswith("skipped: RuntimeError: megatron-core's MoE router")
     assert float(by[("dropless", "DeepSpeed-MoE")][2]) > 0  # DeepSpeed-MoE runs on the CPU
+
+
+def test_pipeline_bubble_smoke():
+    """Every schedule runs on a 2-rank pipeline; the ideal column is (p−1)/(m+p−1), (p−1)/(v·m+p−1) interleaved."""
+    rows = {r[1]: r for r in table_rows(bench("bench.pipeline_bubble", "--smoke"))}
+    assert set(rows) == {"gpipe", "1f1b", "interleaved_1f1b"}
+    assert rows["gpipe"][3] == rows["1f1b"][3] == "0.333" and rows["interleaved_1f1b"][3] == "0.200"
+    assert all(0 <= float(r[4]) < 1 and float(r[8]) > 0 for r in rows.values())
+
+
+def test_recompute_smoke():
+    """Every family × mode is measured; ratios are to none, and full recompute keeps fewer saved bytes."""
+    rows = {(r[0], r[1]): r for r in table_rows(bench("bench.recompute", "--smoke"))}
+    families = {"smoke dense", "smoke top-2 8E", "smoke Lory 8E T64"}
+    assert set(rows) == {(f, m) for f in families for m in ("none", "selective", "full")}
+    for family in families:
+        assert rows[(family, "none")][3] == rows[(family, "none")][7] == "1.00"
+        assert float(rows[(family, "full")][3]) < 1 and float(rows[(family, "full")][4].replace(",", "")) > 0
