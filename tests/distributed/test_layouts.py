@@ -40,6 +40,7 @@ LAYOUTS = {
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "tp2-sp": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"]),
     "tp2-dp2-sp-zero1": (4, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"]),
+    "tp2-dp2-zero2-full": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=2", "train.recompute=full"]),
 }
 KEYS = ("train/loss", "train/grad_norm", "eval/loss")
 

@@ -32,6 +32,10 @@ LAYOUTS = {
     "ep2-etp2": (4, ["parallel.expert_parallel=2", "parallel.expert_tensor_parallel=2"]),
     "ep4": (4, ["parallel.expert_parallel=4"]),
     "dp2-ep2": (4, ["parallel.expert_parallel=2", "parallel.zero_stage=2"]),
+    "ep2-etp2-selective": (
+        4,
+        ["parallel.expert_parallel=2", "parallel.expert_tensor_parallel=2", "train.recompute=selective"],
+    ),
 }
 KEYS = ("train/loss", "train/grad_norm", "eval/loss", "moe/aux_loss", "moe/L1/balance", "moe/L1/load_cv")
 
