@@ -27,6 +27,15 @@ def lory_moe_layers(cfg: Config) -> list[int]:
     return moe_layers(cfg) if cfg.moe.routing == "lory" else []
 
 
+def gather_over_pipeline(groups, metrics: dict[str, float]) -> dict[str, float]:
+    """Per-block metrics of every pipeline stage on every rank (each stage holds its own blocks' values)."""
+    if groups.pp.size == 1:
+        return metrics
+    parts: list[dict] = [{} for _ in range(groups.pp.size)]
+    dist.all_gather_object(parts, metrics, group=groups.pp.group)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def pipeline_step(trainer, micro: list[np.ndarray], moe) -> torch.Tensor:
     """Run the step's micro-batches through the pipeline (forward and backward); returns Σ micro-batch losses."""
     ids = np.concatenate(micro)

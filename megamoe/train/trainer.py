@@ -37,7 +37,13 @@ from megamoe.train.init_from import init_from
 from megamoe.train.metrics import ROUTING_DOMAINS_FILE, MetricSinks
 from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
-from megamoe.train.pipeline_steps import lory_moe_layers, moe_layers, pipeline_eval_sums, pipeline_step
+from megamoe.train.pipeline_steps import (
+    gather_over_pipeline,
+    lory_moe_layers,
+    moe_layers,
+    pipeline_eval_sums,
+    pipeline_step,
+)
 from megamoe.train.preempt import PreemptionFlag
 from megamoe.train.run import RunSetup
 from megamoe.train.upcycle import upcycle, warmup_steps
@@ -226,7 +232,7 @@ class Trainer:
         metrics = moe.reduce()
         if applied:
             update_expert_biases(self.model, moe.requested, self.cfg.moe.bias_update_rate)
-        return metrics | bias_metrics(self.model)
+        return metrics | gather_over_pipeline(self.groups, bias_metrics(self.model))
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         """Count the update, or the skipped non-finite one; stop after train.max_nonfinite_steps in a row.

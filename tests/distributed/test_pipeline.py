@@ -16,6 +16,7 @@ import shutil
 import pytest
 
 from megamoe.train.export import export_run, load_exported, load_run_model
+from megamoe.train.metrics import read_metrics
 from tests.distributed.helpers import check, torchrun
 from tests.distributed.parity import check_trajectory
 from tests.distributed.test_layouts import COMMON, assert_layout_matches, launch
@@ -32,6 +33,8 @@ FAMILIES = {
              "moe.balance_loss_level=micro_batch"],
     "rmoe": [*MOE, "moe.scorer=gru", "moe.gru_hidden=16"],
     "lory": ["moe.routing=lory", "moe.num_experts=4", "moe.segment_length=8", "moe.dense_warmup_fraction=0.34"],
+    "auxfree": [*MOE, "moe.score_fn=sigmoid", "moe.renormalize=true", "moe.balance=aux_free",
+                "moe.bias_update_rate=0.01", "moe.num_groups=2", "moe.topk_groups=1"],
 }  # fmt: skip
 KEYS = ("train/loss", "train/grad_norm", "eval/loss")
 P2 = "parallel.pipeline_parallel=2"
@@ -50,6 +53,7 @@ LAYOUTS = {
     "grin-pp2": ("grin", 2, [P2]),
     "rmoe-pp2-full": ("rmoe", 2, [P2, "train.recompute=full"]),
     "lory-pp2-selective": ("lory", 2, [P2, "train.recompute=selective"]),
+    "auxfree-pp2": ("auxfree", 2, [P2]),
 }  # fmt: skip
 
 
@@ -74,6 +78,10 @@ def test_pipeline_layout_matches_single_process(name, references, data_cache, tm
     family, nproc, overrides = LAYOUTS[name]
     launch(nproc, data_cache, tmp_path / "run", *PP, *FAMILIES[family], *overrides)
     assert_layout_matches(tmp_path / "run", references(family), KEYS)
+    if family == "auxfree":  # every stage's selection biases, logged after each step: γ·sign steps, exactly equal
+        bias = [[(r["step"], k, v) for r in read_metrics(run) for k, v in r.items() if "/bias/" in k]
+                for run in (tmp_path / "run", references(family)["run_dir"])]  # fmt: skip
+        assert bias[0] == bias[1] and len(bias[0]) == 6 * 4 * 4  # 6 steps × 4 MoE blocks × 4 experts
 
 
 def test_resume_across_pipeline_layouts(references, data_cache, tmp_path):
