@@ -6,7 +6,9 @@ Shape legend: S segments, C segments in one chunk, T tokens per segment, D width
   W̄_s = Σ_e w[s, e] · W_e   for W ∈ {gate, up, down};   y_s = W̄_down,s (SiLU(W̄_gate,s x) ⊙ W̄_up,s x)
 
 `reference` is a custom autograd function. Segments are processed in chunks. Per chunk, each
-matrix is merged with one GEMM over the expert axis, then one bmm per matrix runs the tokens.
+matrix is merged with one GEMM over the expert axis into a reused buffer, laid out so the token
+bmm's need no transposed operand; backward folds the chunk's merged-weight gradients onto the
+experts with one in-place GEMM per matrix (docs/kernels.md, "The reference path on CPU").
 Backward keeps only what a dense SwiGLU keeps (x and the gate/up pre-activations). It re-merges
 the chunk's weights — E/T of the FFN FLOPs — instead of storing merged copies, which would be
 3·F·D per segment and far larger than the activations. The merge and the weight gradients
@@ -20,24 +22,33 @@ kernels before they serve a device, dtype and shape class.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MERGE_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
-"""Merged weights of one chunk (alive at once; twice that with their gradients in backward). On a CPU
-a chunk that stays in cache is fastest: T = 64, E = 8, F·D = 704·256 runs fwd+bwd in 314 ms with
-chunks of 16 segments and 551 ms with all 128 at once (1 segment per chunk: 622 ms)."""
+MERGE_CHUNK_BYTES = {"cpu": 20 * 2**20, "cuda": 256 * 2**20}
+"""Merged weights of one chunk (alive at once; twice that with their gradients in backward); chunks are
+then evened out. CPU (Intel, 1 thread, E = 8, F·D = 704·256, fwd+bwd): 8–11 segments per chunk are
+fastest at T = 64 and T = 256; 16 costs 10–20% more, 1 about 2× (docs/kernels.md)."""
+
+
+INNER_BLOCKS = 256
+"""The K = F·D inner products of the routing-weight gradient run as a bmm over gcd(K, 256) blocks of K."""
 
 
 def _chunks(segments: int, per_segment_bytes: int, chunk_segments: int | None, device: str) -> list[slice]:
     """Segment ranges processed together (bounded merged-weight memory)."""
     budget = MERGE_CHUNK_BYTES.get(device, MERGE_CHUNK_BYTES["cuda"])
-    size = chunk_segments or max(1, budget // per_segment_bytes)
+    size = chunk_segments or _even(segments, max(1, budget // per_segment_bytes))
     return [slice(s, min(s + size, segments)) for s in range(0, segments, size)]
+
+
+def _even(total: int, most: int) -> int:
+    """The chunk size splitting total into the fewest chunks of at most most, as evenly as possible."""
+    return -(-total // -(-total // most))
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -45,11 +56,13 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _merge(w_CE: torch.Tensor, w_EXY: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ_e w[c, e] · W_e for a chunk of segments: one GEMM over the expert axis in ≥ fp32, cast to dtype."""
-    acc = _acc(w_EXY)
-    merged = w_CE.to(acc) @ w_EXY.to(acc).flatten(1)
-    return merged.view(w_CE.shape[0], *w_EXY.shape[1:]).to(dtype)
+def _merge(w_CE: torch.Tensor, w_EXY: torch.Tensor, out_CXY: torch.Tensor) -> torch.Tensor:
+    """Σ_e w[c, e] · W_e for a chunk of segments into out: one GEMM over the expert axis in W's dtype (≥ fp32)."""
+    out_CK = out_CXY.view(out_CXY.shape[0], -1)
+    if out_CXY.dtype == w_EXY.dtype:
+        return torch.mm(w_CE.to(w_EXY.dtype), w_EXY.flatten(1), out=out_CK).view(out_CXY.shape)
+    out_CK.copy_(w_CE.to(w_EXY.dtype) @ w_EXY.flatten(1))
+    return out_CXY
 
 
 def _silu_grad(g: torch.Tensor) -> torch.Tensor:
@@ -58,23 +71,45 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
     return sig * (1 + g * (1 - sig))
 
 
+def _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, acc: torch.dtype):
+    """Expert weights laid out for the forward bmm's (x @ W, no transposes): (E, D, 2F) gate|up, (E, F, D) down."""
+    experts, hidden, dim = w_gate_EFD.shape
+    gu_ED2F = w_gate_EFD.new_empty(experts, dim, 2 * hidden, dtype=acc)
+    gu_ED2F[..., :hidden].copy_(w_gate_EFD.transpose(1, 2))
+    gu_ED2F[..., hidden:].copy_(w_up_EFD.transpose(1, 2))
+    return gu_ED2F, w_down_EDF.transpose(1, 2).to(acc, memory_format=torch.contiguous_format)
+
+
+def _gate_grad(dh_u: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """dh·u·SiLU'(g) into out: one fused pass in fp32/fp64; below fp32, the Triton path's rounding steps."""
+    if g.dtype in (torch.float32, torch.float64):
+        return torch.ops.aten.silu_backward.grad_input(dh_u, g, grad_input=out)
+    return out.copy_(dh_u * _silu_grad(g))
+
+
 class MergedSwiGLU(torch.autograd.Function):
     """The merged SwiGLU of every segment; backward re-merges instead of storing merged weights."""
 
     @staticmethod
     def forward(ctx, x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, dtype, chunk_segments):
-        segments, seg_len, _ = x_STD.shape
+        segments, seg_len, dim = x_STD.shape
         hidden = w_gate_EFD.shape[1]
         merged_bytes = 3 * w_gate_EFD[0].numel() * torch.finfo(dtype).bits // 8
         chunks = _chunks(segments, merged_bytes, chunk_segments, x_STD.device.type)
-        g_STF = x_STD.new_empty(segments, seg_len, hidden, dtype=dtype)
-        u_STF = torch.empty_like(g_STF)
+        gu_ED2F, down_EFD = _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, _acc(w_gate_EFD))
+        size = chunks[0].stop
+        gu_CD2F = x_STD.new_empty(size, dim, 2 * hidden, dtype=dtype)
+        down_CFD = x_STD.new_empty(size, hidden, dim, dtype=dtype)
+        h_CTF = x_STD.new_empty(size, seg_len, hidden, dtype=dtype)
+        g_STF, u_STF = (x_STD.new_empty(segments, seg_len, hidden, dtype=dtype) for _ in range(2))
         y_STD = x_STD.new_empty(x_STD.shape, dtype=dtype)
         for c in chunks:
+            n = c.stop - c.start
             x_CTD, w_CE = x_STD[c].to(dtype), w_SE[c]
-            g_STF[c] = torch.bmm(x_CTD, _merge(w_CE, w_gate_EFD, dtype).transpose(1, 2))
-            u_STF[c] = torch.bmm(x_CTD, _merge(w_CE, w_up_EFD, dtype).transpose(1, 2))
-            y_STD[c] = torch.bmm(F.silu(g_STF[c]) * u_STF[c], _merge(w_CE, w_down_EDF, dtype).transpose(1, 2))
+            gate_CDF, up_CDF = _merge(w_CE, gu_ED2F, gu_CD2F[:n]).split(hidden, -1)
+            g_CTF, u_CTF = torch.bmm(x_CTD, gate_CDF, out=g_STF[c]), torch.bmm(x_CTD, up_CDF, out=u_STF[c])
+            torch.ops.aten.silu.out(g_CTF, out=h_CTF[:n]).mul_(u_CTF)
+            torch.bmm(h_CTF[:n], _merge(w_CE, down_EFD, down_CFD[:n]), out=y_STD[c])
         ctx.save_for_backward(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, g_STF, u_STF)
         ctx.dtype, ctx.chunks = dtype, chunks
         return y_STD
@@ -82,27 +117,74 @@ class MergedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_STD):
         x_STD, w_SE, *weights, g_STF, u_STF = ctx.saved_tensors
-        dtype = ctx.dtype
-        dx_STD = torch.zeros_like(x_STD)
-        dw_SE = torch.zeros(w_SE.shape, dtype=_acc(weights[0]), device=w_SE.device)
-        dweights = [torch.zeros(w.shape, dtype=_acc(w), device=w.device) for w in weights]
-        for c in ctx.chunks:
-            x_CTD, w_CE, dy_CTD = x_STD[c].to(dtype), w_SE[c], dy_STD[c].to(dtype)
-            gate_CFD, up_CFD, down_CDF = (_merge(w_CE, w, dtype) for w in weights)
-            g_CTF, u_CTF = g_STF[c], u_STF[c]
-            silu_CTF = F.silu(g_CTF)
-            d_down_CDF = torch.bmm(dy_CTD.transpose(1, 2), silu_CTF * u_CTF)
-            dh_CTF = torch.bmm(dy_CTD, down_CDF)
-            du_CTF = dh_CTF * silu_CTF
-            dg_CTF = dh_CTF * u_CTF * _silu_grad(g_CTF)
-            d_gate_CFD = torch.bmm(dg_CTF.transpose(1, 2), x_CTD)
-            d_up_CFD = torch.bmm(du_CTF.transpose(1, 2), x_CTD)
-            dx_STD[c] = (torch.bmm(dg_CTF, gate_CFD) + torch.bmm(du_CTF, up_CFD)).to(dx_STD.dtype)
-            for d_merged, w, dw in zip((d_gate_CFD, d_up_CFD, d_down_CDF), weights, dweights):
-                d_flat = d_merged.to(dw.dtype).flatten(1)
-                dw += (w_CE.to(dw.dtype).t() @ d_flat).view(w.shape)
-                dw_SE[c] += d_flat @ w.to(dw.dtype).flatten(1).t()
-        return dx_STD, dw_SE.to(w_SE.dtype), *(d.to(w.dtype) for d, w in zip(dweights, weights)), None, None
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        grads = _backward(x_STD, w_SE, weights, (g_STF, u_STF), dy_STD, ctx.dtype, ctx.chunks, need_dx, need_dw)
+        return *grads, None, None
+
+
+def _backward(x_STD, w_SE, weights, gu_STF, dy_STD, dtype, chunks, need_dx: bool, need_dw: bool):
+    """dx, dw, dW_gate, dW_up, dW_down: per chunk a re-merge, the SwiGLU backward, and the folds onto the experts.
+
+    dx (and the gate/up re-merge it alone needs) and dw are skipped when autograd does not ask for them."""
+    _, seg_len, dim = x_STD.shape
+    hidden, size = weights[0].shape[1], chunks[0].stop
+    acc = _acc(weights[0])
+    merged_C2FD = x_STD.new_empty(size, 2 * hidden, dim, dtype=dtype) if need_dx else None
+    down_CDF = x_STD.new_empty(size, dim, hidden, dtype=dtype)
+    p_C2FD, p_down_CDF = x_STD.new_empty(size, 2 * hidden, dim, dtype=dtype), torch.empty_like(down_CDF)
+    dgu_CT2F = x_STD.new_empty(size, seg_len, 2 * hidden, dtype=dtype)
+    scratch = [x_STD.new_empty(size, seg_len, hidden, dtype=dtype) for _ in range(3)]
+    dx_STD = x_STD.new_empty(x_STD.shape, dtype=dtype) if need_dx else None
+    dw_SE = w_SE.new_empty(w_SE.shape, dtype=acc) if need_dw else None
+    grads = [torch.empty(w.shape, dtype=acc, device=w.device) for w in weights]
+    w_acc = [w.to(acc) for w in weights]
+    for c in chunks:
+        n = c.stop - c.start
+        x_CTD, w_CE, dy_CTD = x_STD[c].to(dtype), w_SE[c], dy_STD[c].to(dtype)
+        down, p_gu, p_down, dgu = _merge(w_CE, w_acc[2], down_CDF[:n]), p_C2FD[:n], p_down_CDF[:n], dgu_CT2F[:n]
+        _swiglu_backward(dy_CTD, [t[c] for t in gu_STF], down, [b[:n] for b in scratch], p_down, dgu)
+        torch.bmm(dgu.transpose(1, 2), x_CTD, out=p_gu)
+        if need_dx:
+            merged = merged_C2FD[:n]
+            _merge(w_CE, w_acc[0], merged[:, :hidden])
+            _merge(w_CE, w_acc[1], merged[:, hidden:])
+            torch.bmm(dgu, merged, out=dx_STD[c])
+        p_merged = (p_gu[:, :hidden], p_gu[:, hidden:], p_down)
+        _fold(w_CE, p_merged, w_acc, grads, dw_SE[c] if need_dw else None, first=c.start == 0)
+    dx_STD = dx_STD.to(x_STD.dtype) if need_dx else None
+    dw_SE = dw_SE.to(w_SE.dtype) if need_dw else None
+    return dx_STD, dw_SE, *(d.to(w.dtype) for d, w in zip(grads, weights))
+
+
+def _swiglu_backward(dy_CTD, gu_CTF, down_CDF, scratch, p_down_CDF, dgu_CT2F) -> None:
+    """The merged SwiGLU's backward inside a chunk: P_down = dyᵀ·h, dg|du into dgu (h = SiLU(g)·u recomputed)."""
+    hidden = down_CDF.shape[-1]
+    g_CTF, u_CTF = gu_CTF
+    silu_CTF, dh_CTF, tmp_CTF = scratch
+    torch.ops.aten.silu.out(g_CTF, out=silu_CTF)
+    torch.bmm(dy_CTD.transpose(1, 2), torch.mul(silu_CTF, u_CTF, out=tmp_CTF), out=p_down_CDF)
+    torch.bmm(dy_CTD, down_CDF, out=dh_CTF)
+    torch.mul(dh_CTF, silu_CTF, out=dgu_CT2F[..., hidden:])
+    _gate_grad(torch.mul(dh_CTF, u_CTF, out=tmp_CTF), g_CTF, dgu_CT2F[..., :hidden])
+
+
+def _fold(w_CE, merged_grads, w_acc, grads, dw_CE, first: bool) -> None:
+    """dW_e (+)= Σ_c w[c, e] · P_c (first chunk: =) and dw[c, e] = Σ ⟨W_e, P_c⟩ over the matrices, one GEMM each."""
+    for i, (p_CXY, w_EXY, dw_EXY) in enumerate(zip(merged_grads, w_acc, grads)):
+        p_CK = p_CXY.view(p_CXY.shape[0], -1).to(dw_EXY.dtype)
+        dw_EXY.view(dw_EXY.shape[0], -1).addmm_(w_CE.to(dw_EXY.dtype).t(), p_CK, beta=0 if first else 1)
+        if dw_CE is not None:
+            inner_CE = _inner(p_CK, w_EXY.flatten(1))
+            (dw_CE.add_ if i else dw_CE.copy_)(inner_CE)
+
+
+def _inner(p_CK: torch.Tensor, w_EK: torch.Tensor) -> torch.Tensor:
+    """⟨P_c, W_e⟩ for all c, e as a bmm over blocks of K, then summed: a plain (C, K) @ (K, E) GEMM with C, E
+    small and K = F·D runs at a third of the memory bandwidth on CPU (MKL), the blocked one near it."""
+    blocks = math.gcd(p_CK.shape[1], INNER_BLOCKS)
+    p_BCk = p_CK.view(p_CK.shape[0], blocks, -1).transpose(0, 1)
+    w_BkE = w_EK.view(w_EK.shape[0], blocks, -1).permute(1, 2, 0)
+    return torch.bmm(p_BCk, w_BkE).sum(0)
 
 
 def merged_swiglu_reference(
