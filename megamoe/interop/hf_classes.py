@@ -41,8 +41,7 @@ def choose_target(model: ModelConfig, moe: MoEConfig) -> Target:
         if model.qkv_bias:
             return Target("qwen2", "a dense megamoe model with q/k/v biases is a Qwen2 model")
         return Target("llama", "a dense megamoe model is a Llama model")
-    token_choice = moe.routing == "topk" or (moe.routing == "expert_choice")
-    if not token_choice:
+    if moe.routing not in ("topk", "expert_choice"):  # expert choice evaluates as causal token choice
         return Target("megamoe", f"moe.routing={moe.routing} has no transformers class")
     if moe.scorer != "linear":
         return Target("megamoe", "RMoE's GRU router has no transformers class")

@@ -3,8 +3,8 @@
 Shape legend: B micro-batch, L sequence (this rank's slice under sequence parallelism), D width,
 V vocabulary (this TP rank's), T tokens a MoE block routes, P RMoE's GRU state width.
 
-Each rank builds the whole model (layout-independent init by name), then keeps only what its
-chunks need (`prune`): the embedding on the first chunk, the final norm and LM head on the last,
+Each rank builds only what its chunks need (`stage_part`; the init by name gives every tensor its
+single-process value): the embedding on the first chunk, the final norm and LM head on the last,
 its blocks, and RMoE's shared GRU on every rank. Between chunks travel the hidden states, the
 micro-batch's sample ids (so every chunk draws GRIN's and the jitter's layout-independent routing
 noise from the same (seed, step, layer, sample) streams) and, for RMoE, the GRU state. What crosses
@@ -101,33 +101,27 @@ class Plan:
     replicas: list[Replica] = field(default_factory=list)
 
 
+def _my_chunks(cfg: Config, pp_rank: int, pp: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """[start, stop) blocks of every chunk of the model, and the chunks pipeline rank pp_rank holds."""
+    vpp = cfg.parallel.virtual_stages
+    return split_layers(cfg, pp * vpp), chunks_of_rank(pp_rank, pp, vpp)
+
+
 def stage_part(cfg: Config, pp_rank: int, pp: int) -> Part:
     """What pipeline rank pp_rank builds: its chunks' blocks, the embedding (first chunk, or the last's tied
     copy) and the final norm and head (last chunk); nothing else is ever allocated."""
-    vpp = cfg.parallel.virtual_stages
-    bounds = split_layers(cfg, pp * vpp)
-    mine = chunks_of_rank(pp_rank, pp, vpp)
+    bounds, mine = _my_chunks(cfg, pp_rank, pp)
     first, last = 0 in mine, len(bounds) - 1 in mine
     blocks = frozenset(i for c in mine for i in range(*bounds[c]))
     return Part(blocks, embed=first or (last and cfg.model.tie_embeddings), head=last)
 
 
-def prune(model: Transformer, cfg: Config, groups: ParallelGroups) -> Plan:
-    """This rank's chunks of model (built with stage_part's Part, or whole: then the rest is freed)."""
-    pp, vpp = groups.pp.size, cfg.parallel.virtual_stages
-    bounds = split_layers(cfg, pp * vpp)
-    mine = chunks_of_rank(groups.pp.rank, pp, vpp)
-    part = stage_part(cfg, groups.pp.rank, pp)
-    for index in range(len(model.layers)):
-        if index not in part.blocks:
-            model.layers[index] = nn.Identity()
-    if not part.embed:
-        model.embed = None
-    if not part.head:
-        model.norm, model.lm_head = None, None
-    first, last, tied = 0 in mine, len(bounds) - 1 in mine, cfg.model.tie_embeddings
+def plan_stages(model: Transformer, cfg: Config, groups: ParallelGroups) -> Plan:
+    """This rank's chunks of a model built with stage_part's Part, and the parameters it shares with other stages."""
+    bounds, mine = _my_chunks(cfg, groups.pp.rank, groups.pp.size)
+    first, last = 0 in mine, len(bounds) - 1 in mine
     chunks = [Chunk(model, *bounds[c], c == 0, c == len(bounds) - 1, groups.layout.micro_batches) for c in mine]
-    return Plan(chunks, bounds, _replicas(model, groups, first, last, tied))
+    return Plan(chunks, bounds, _replicas(model, groups, first, last, cfg.model.tie_embeddings))
 
 
 def _replicas(model: Transformer, groups: ParallelGroups, first: bool, last: bool, tied: bool) -> list[Replica]:

@@ -17,7 +17,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from megamoe.config import Config
 from megamoe.model.transformer import Transformer
 from megamoe.parallel.groups import ParallelGroups
-from megamoe.parallel.pipeline import Plan, pp_stage_of, prune
+from megamoe.parallel.pipeline import Plan, plan_stages, pp_stage_of
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -27,7 +27,7 @@ class Pipeline:
 
     def __init__(self, model: Transformer, cfg: Config, groups: ParallelGroups):
         self.model, self.cfg, self.groups = model, cfg, groups
-        self.plan: Plan = prune(model, cfg, groups)
+        self.plan: Plan = plan_stages(model, cfg, groups)
         self.m = groups.layout.micro_batches
         total = len(self.plan.bounds)
         self.stages = [

@@ -72,13 +72,18 @@ def eval_sums(
     for ids, weight in batches:
         batch = split.batch(ids, seq_len)
         out = model(batch.tokens_BL.to(device), batch.targets_BL.to(device))
-        domains = batch.domains_BL.flatten()
-        sums.loss_D += weight * torch.bincount(domains, out.token_loss_BL.flatten().double().cpu(), num_domains)
-        sums.count_D += weight * torch.bincount(domains, minlength=num_domains).double()
+        add_losses(sums, batch.domains_BL, out.token_loss_BL, weight)
         if sums.routing_KDE.numel():
             add_domain_routing(sums.routing_KDE, out.moe, batch.domains_BL, weight)
     model.train(was_training)
     return sums
+
+
+def add_losses(sums: EvalSums, domains_BL: torch.Tensor, token_loss_BL: torch.Tensor, weight: float) -> None:
+    """Add one batch's weighted token losses and token counts to their domains' sums."""
+    domains, num_domains = domains_BL.flatten(), len(sums.loss_D)
+    sums.loss_D += weight * torch.bincount(domains, token_loss_BL.flatten().double().cpu(), num_domains)
+    sums.count_D += weight * torch.bincount(domains, minlength=num_domains).double()
 
 
 def lory_layers(model: nn.Module) -> list[int]:

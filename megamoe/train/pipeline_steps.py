@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megamoe.config import Config
 from megamoe.train.domain_routing import add_domain_routing
-from megamoe.train.evaluate import EvalSums
+from megamoe.train.evaluate import EvalSums, add_losses
 
 
 def moe_layers(cfg: Config) -> list[int]:
@@ -60,10 +60,8 @@ def pipeline_eval_sums(trainer, batches: list[tuple[np.ndarray, float]]) -> Eval
         torch.zeros(len(lory), num_domains, cfg.moe.num_experts if lory else 0, dtype=torch.float64),
     )
     for data, weight, loss_BL, moe in trainer.pipeline.eval_token_losses(batches, trainer.val_split, trainer.step):
-        domains = data.domains_BL.flatten()
         if loss_BL is not None:
-            sums.loss_D += weight * torch.bincount(domains, loss_BL.flatten().double().cpu(), num_domains)
-            sums.count_D += weight * torch.bincount(domains, minlength=num_domains).double()
+            add_losses(sums, data.domains_BL, loss_BL, weight)
         for index, out in moe.items():
             if out.segment_weights is not None:
                 k = lory.index(index)

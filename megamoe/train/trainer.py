@@ -9,6 +9,7 @@ differs between layouts sits behind ParallelGroups, the layer factory and the en
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -135,7 +136,7 @@ class Trainer:
         return stage_part(self.cfg, self.groups.pp.rank, self.groups.pp.size)
 
     def _pipeline(self):
-        """This rank's pipeline stages (the model pruned to them) when parallel.pipeline_parallel > 1."""
+        """This rank's pipeline stages (of the model built with its Part) when parallel.pipeline_parallel > 1."""
         if self.groups.layout.pp == 1:
             return None
         from megamoe.parallel.pipeline_run import Pipeline
@@ -204,19 +205,9 @@ class Trainer:
         self.engine.set_lr(lr)
         micro = self.sampler.micro_batches(self.step, tcfg.global_batch_size, dp.rank, dp.size, tcfg.micro_batch_size)
         self._dense_warmup()
-        loss_sum = torch.zeros((), device=self.groups.device)
         moe = MoEMetrics(self.cfg.moe, moe_layers(self.cfg), self.groups.pp.size) if self.cfg.moe.enabled else None
-        if self.pipeline is not None:
-            loss_sum = pipeline_step(self, micro, moe)
-        for ids in micro if self.pipeline is None else ():
-            tokens_BL, targets_BL = self._batch(self.train_split, ids)
-            ctx = RoutingContext(self.cfg.train.seed, self.step, tuple(int(i) for i in ids))
-            with self.engine.autocast():
-                out = self.model(tokens_BL, targets_BL, ctx)
-            self.engine.backward(out.loss + out.aux_loss)
-            loss_sum += out.loss.detach()
-            if moe is not None:
-                moe.add(out.moe)
+        run = self._micro_steps if self.pipeline is None else functools.partial(pipeline_step, self)
+        loss_sum = run(micro, moe)
         grad_norm = self.engine.step()
         self.step += 1
         loss = mean_over(loss_sum / len(micro), dp).item()
@@ -225,6 +216,20 @@ class Trainer:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
         return metrics | self._moe_step(moe, applied=self.updates > updates)
 
+    def _micro_steps(self, micro: list[np.ndarray], moe: MoEMetrics | None) -> torch.Tensor:
+        """Forward and backward of each micro-batch (gradients accumulate); returns the summed mean losses."""
+        loss_sum = torch.zeros((), device=self.groups.device)
+        for ids in micro:
+            tokens_BL, targets_BL = self._batch(self.train_split, ids)
+            ctx = RoutingContext(self.cfg.train.seed, self.step, tuple(int(i) for i in ids))
+            with self.engine.autocast():
+                out = self.model(tokens_BL, targets_BL, ctx)
+            self.engine.backward(out.loss + out.aux_loss)
+            loss_sum += out.loss.detach()
+            if moe is not None:
+                moe.add(out.moe)
+        return loss_sum
+
     def _moe_step(self, moe: MoEMetrics | None, applied: bool) -> dict[str, float]:
         """The step's MoE metrics (collective); aux_free: each block's bias moves by the global batch's loads."""
         if moe is None:
@@ -232,6 +237,8 @@ class Trainer:
         metrics = moe.reduce()
         if applied:
             update_expert_biases(self.model, moe.requested, self.cfg.moe.bias_update_rate)
+        if self.cfg.moe.balance != "aux_free":  # no biases: nothing to log (and no collective)
+            return metrics
         return metrics | gather_over_pipeline(self.groups, bias_metrics(self.model))
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
