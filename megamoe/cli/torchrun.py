@@ -7,7 +7,9 @@ The arguments are torchrun's. Three things differ:
 2. `megamoe train`'s config and layout are checked once before any rank starts, so a bad key prints
    one line and exits 2, instead of once per rank followed by torchrun's traceback.
 3. A failed rank, or a signal to the launcher, ends with one line per failed rank instead of
-   torchrun's traceback; the exit status is the first failed rank's (128 + N for signal N).
+   torchrun's traceback. The exit status is the lowest failed rank's own (128 + N for signal N), where
+   a rank that exited by itself wins over ranks killed by SIGTERM/SIGKILL: once one rank exits, torchrun
+   sends those to the others, so a rank stopped mid-teardown must not hide the status of the run.
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ def check_train_args(args) -> int | None:
     return None
 
 
+_TEARDOWN_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what torchrun sends the ranks still running
+
+
 def _report(err) -> int:
     """One line per failed rank of a ChildFailedError; returns the exit status to use."""
     failures = sorted(err.failures.items())
     for rank, failure in failures:
         how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         print(f"megamoe: rank {rank} (pid {failure.pid}) failed with {how}; its output is above", file=sys.stderr)
-    code = failures[0][1].exitcode if failures else 1
+    codes = [failure.exitcode for _, failure in failures]
+    own = [code for code in codes if -code not in _TEARDOWN_SIGNALS]
+    code = (own or codes or [1])[0]
     return 128 - code if code < 0 else code or 1
 
 
