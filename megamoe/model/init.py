@@ -33,6 +33,11 @@ def init_std_for(name: str, cfg: ModelConfig) -> float:
     return cfg.init_std
 
 
+def is_bias(name: str) -> bool:
+    """A bias: `*.bias`, or the GRU's `bias_ih` / `bias_hh` (which once started at 1, as norm scales do)."""
+    return name.rsplit(".", 1)[-1].startswith("bias")
+
+
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of the unsharded tensor of which param is one rank's slice."""
     shape = list(param.shape)
@@ -43,7 +48,7 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 def initial_value(name: str, param: torch.Tensor, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """This rank's slice of the initial value of the parameter called name (on the CPU)."""
-    if name.endswith("bias"):
+    if is_bias(name):
         return torch.zeros(param.shape)
     if param.ndim == 1:
         return torch.ones(param.shape)

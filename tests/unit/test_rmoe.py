@@ -124,3 +124,30 @@ def test_gru_composes_with_other_routings(routing):
     out = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
     (out.loss + out.aux_loss).backward()
     assert model.router_gru.weight_hh.grad.abs().sum() > 0
+
+
+def test_init_zeroes_the_gru_biases_and_only_norm_scales_start_at_one():
+    """Biases start at 0 (Megatron's init), the GRU's `bias_ih`/`bias_hh` included; 1 is for norm scales only.
+
+    GRU biases of 1 (the rule once matched only names ending in `bias`) start the update gate at σ(2) = 0.88
+    and push every token's state toward the same bias-driven value, so the router sees nearly constant input.
+    """
+    cfg = load_config(
+        None,
+        [
+            "model.vocab_size=64",
+            "model.d_model=32",
+            "model.qkv_bias=true",
+            "moe.routing=topk",
+            "moe.scorer=gru",
+            "moe.num_experts=4",
+        ],
+    )
+    model = build_model(cfg.model, 0, moe=cfg.moe)
+    ones = {n for n, p in model.named_parameters() if p.ndim == 1 and bool((p == 1).all())}
+    zeros = {n for n, p in model.named_parameters() if p.ndim == 1 and not p.any()}
+    assert {"router_gru.bias_ih", "router_gru.bias_hh", "layers.0.attn.qkv.bias"} <= zeros
+    assert ones and all(n.endswith("norm.weight") for n in ones), ones
+    gru = model.router_gru
+    zero_TP = torch.zeros(3, gru.weight_ih.shape[1])
+    torch.testing.assert_close(gru(zero_TP, zero_TP), zero_TP, rtol=0, atol=0)
