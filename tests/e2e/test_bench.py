@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,28 @@ def test_recompute_smoke():
     for family in families:
         assert rows[(family, "none")][3] == rows[(family, "none")][7] == "1.00"
         assert float(rows[(family, "full")][3]) < 1 and float(rows[(family, "full")][4].replace(",", "")) > 0
+
+
+def test_precision_tiny():
+    """Every family runs in fp32 and bf16 autocast and gets a ratio."""
+    rows = table_rows(bench("bench.precision", "--steps", "1", "--rounds", "1", "--widths", "32"))
+    assert [r[0] for r in rows] == ["dense", "top-2", "GRIN", "Lory"]
+    assert all(float(r[4].rstrip("×")) > 0 for r in rows)
+
+
+def test_router_health_records_every_step(data_cache, tiny_data, tmp_path):
+    """RMoE under the probe: one record per step with the router's gradient groups and GRU statistics;
+    --gru-bias-one starts the GRU at the update gate σ(2) = 0.88 that the zero-bias init avoids."""
+    from tests.util import TINY
+
+    rmoe = ["moe.routing=topk", "moe.scorer=gru", "moe.num_experts=4", "moe.top_k=2", "moe.gru_hidden=8"]
+    args = [*TINY, f"data.cache_dir={data_cache}", *rmoe, "train.max_steps=3"]
+    gates = {}
+    for flag in ([], ["--gru-bias-one"]):
+        out = tmp_path / f"health{len(flag)}.jsonl"
+        bench("bench.router_health", str(out), *flag, *args, f"train.run_dir={tmp_path / f'run{len(flag)}'}")
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert {"grad/router", "grad/proj", "grad/gru", "grad/all", "L1/h_sat", "L1/entropy"} <= set(records[0])
+        gates[len(flag)] = records[0]["L0/update_gate"]
+    assert abs(gates[0] - 0.5) < 0.05 and abs(gates[1] - 0.881) < 0.05, gates
