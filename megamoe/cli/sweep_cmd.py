@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
-    p = sub.add_parser("sweep", help="run a sweep of configs (grid, zipped lists, seeds); --collect the results")
+    p = sub.add_parser("sweep", help="run a sweep of configs (grid, zipped lists, seeds, budgets); --collect results")
     p.add_argument("sweep", type=Path, help="the sweep YAML file")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (local), or array tasks at a time (SLURM)")
+    p.add_argument(
+        "--parallel", type=int, default=1,
+        help="jobs at a time, locally or as SLURM array tasks (a job: one run, or a trunk and then its branches)",
+    )  # fmt: skip
     p.add_argument("--slurm", action="store_true", help="submit one SLURM array job (launch/sweep_array.sbatch)")
     p.add_argument("--gpus", type=int, default=8, help="--slurm: GPUs per run")
-    p.add_argument("--time", default="24:00:00", help="--slurm: time limit per run")
+    p.add_argument("--time", default="24:00:00", help="--slurm: time limit per array task (all runs of its job)")
     p.add_argument(
         "--sbatch-arg", action="append", default=[], metavar="OPTION",
         help="--slurm: an sbatch option overriding the script's #SBATCH lines (repeatable), e.g. --cpus-per-task=4",
@@ -27,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     """List, run, submit or collect."""
     from megamoe.errors import MegamoeError
     from megamoe.sweep.collect import collect
-    from megamoe.sweep.runner import run_local, sbatch_script, status, submit
+    from megamoe.sweep.runner import describe, run_local, sbatch_script, submit
     from megamoe.sweep.spec import load_sweep
 
     if args.parallel < 1:
@@ -39,18 +43,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwritten to {root}/results.csv, results.md and curves.png")
         return 0
     if args.slurm:
-        script, runs_text = sbatch_script(sweep, args.parallel, args.gpus, args.time)
+        script, jobs_text = sbatch_script(sweep, args.parallel, args.gpus, args.time)
         if args.dry_run:
             print(script, end="")
-            print(
-                f"# {sweep.root / 'runs.txt'}:\n" + "".join(f"#   {line}\n" for line in runs_text.splitlines()), end=""
-            )
+            print(f"# {sweep.root / 'jobs.json'}: one array task per job, its runs in order")
+            for task, job in enumerate(describe(sweep)):
+                print("".join(f"# task {task}: {line}\n#   {shlex.join(run.args)}\n" for run, line in job), end="")
             return 0
-        print(submit(sweep, script, runs_text, args.sbatch_arg))
+        print(submit(sweep, script, jobs_text, args.sbatch_arg))
         return 0
     if args.dry_run:
-        for r in sweep.runs:
-            print(f"{status(r):6s} {r.name}  {r.run_dir}")
+        for job in describe(sweep):
+            print("".join(line + "\n" for _, line in job), end="")
         return 0
     failed = {name: rc for name, rc in run_local(sweep, args.parallel).items() if rc != 0}
     if failed:

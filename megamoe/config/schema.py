@@ -162,6 +162,8 @@ class MoEConfig:
     """Lory's expert merge: reference (einsum + bmm, merge recomputed in backward), triton kernels, or auto."""
     dense_warmup_fraction: float = -1.0
     """Train dense (all on expert 0) for this fraction of steps, then copy it to all experts; -1 = 0.05 lory else 0."""
+    dense_warmup_steps: int = 0
+    """Lory: the dense warm-up in steps instead of a fraction (the same at every train.max_steps); 0 = the fraction."""
     generate_routing: Literal["prompt", "segment"] = "prompt"
     """Lory in generation: route once per layer from the prompt mean, or re-route every segment."""
     upcycle_noise: float = 0.0
@@ -176,7 +178,9 @@ class MoEConfig:
 
     @property
     def warmup_fraction(self) -> float:
-        """dense_warmup_fraction resolved."""
+        """dense_warmup_fraction resolved (0 when dense_warmup_steps sets the length)."""
+        if self.dense_warmup_steps > 0:
+            return 0.0
         if self.dense_warmup_fraction >= 0:
             return self.dense_warmup_fraction
         return 0.05 if self.routing == "lory" else 0.0
@@ -222,6 +226,12 @@ class MoEConfig:
         _check(
             self.routing == "lory" or self.warmup_fraction == 0,
             "dense_warmup_fraction",
+            "dense warm-up and upcycling are implemented for moe.routing=lory",
+        )
+        _non_negative(self, "dense_warmup_steps")
+        _check(
+            self.routing == "lory" or self.dense_warmup_steps == 0,
+            "dense_warmup_steps",
             "dense warm-up and upcycling are implemented for moe.routing=lory",
         )
         if self.routing == "lory":
@@ -327,8 +337,10 @@ class OptimConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of optim.lr."""
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate decay after warm-up."""
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Learning-rate decay after warm-up; wsd = warmup-stable-decay (peak LR, then a linear cooldown)."""
+    decay_fraction: float = 0.2
+    """WSD: share of train.max_steps spent decaying at the end; the rest after warm-up is at the peak LR."""
     warmup_steps: int = 0
     """Linear warm-up steps; 0 = use optim.warmup_fraction."""
     warmup_fraction: float = 0.05
@@ -344,9 +356,18 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
 
+    def warmup_length(self, max_steps: int) -> int:
+        """Warm-up length in steps: optim.warmup_steps, else the fraction of the run."""
+        return self.warmup_steps or int(self.warmup_fraction * max_steps)
+
+    def decay_start(self, max_steps: int) -> int:
+        """WSD: the 0-indexed step of the first decayed update, max_steps - round(decay_fraction · max_steps)."""
+        return max_steps - round(self.decay_fraction * max_steps)
+
     def validate(self) -> None:
         """Check ranges."""
         _positive(self, "lr", "eps")
+        _check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         _non_negative(self, "weight_decay", "grad_clip", "warmup_steps")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
@@ -373,6 +394,8 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints; older ones are deleted."""
+    checkpoint_steps: list[int] = field(default_factory=list)
+    """Also save a checkpoint at each of these steps and keep it (never pruned by train.keep_checkpoints)."""
     max_nonfinite_steps: int = 0
     """Skip up to this many consecutive updates with a non-finite loss or gradient norm; 0 = stop at the first."""
     seed: int = 1234
@@ -399,6 +422,8 @@ class TrainConfig:
             "global_batch_size",
             f"must be a multiple of train.micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}",
         )
+        bad = [step for step in self.checkpoint_steps if not 0 < step <= self.max_steps]
+        _check(not bad, "checkpoint_steps", f"steps must be in [1, train.max_steps={self.max_steps}], got {bad}")
 
 
 @dataclass(kw_only=True)
@@ -478,3 +503,22 @@ class Config:
                 "optim.warmup_steps",
                 f"must be < train.max_steps ({self.train.max_steps}), got {self.optim.warmup_steps}",
             )
+        if self.moe.dense_warmup_steps:
+            _check(
+                self.moe.dense_warmup_steps < self.train.max_steps,
+                "moe.dense_warmup_steps",
+                f"must be < train.max_steps ({self.train.max_steps}), got {self.moe.dense_warmup_steps}",
+            )
+        if self.optim.decay_style == "wsd":
+            self._validate_wsd()
+
+    def _validate_wsd(self) -> None:
+        """WSD: at least one decayed update, and the warm-up over before the decay starts."""
+        optim, steps = self.optim, self.train.max_steps
+        start = optim.decay_start(steps)
+        _check(start < steps, "optim.decay_fraction",
+               f"wsd: round({optim.decay_fraction} · train.max_steps={steps}) is 0 decay steps; raise it")  # fmt: skip
+        warm = optim.warmup_length(steps)
+        _check(warm <= start, "optim.warmup_steps",
+               f"wsd: the {warm} warm-up steps end after the decay starts at step {start} "
+               f"(train.max_steps - round(optim.decay_fraction · train.max_steps))")  # fmt: skip

@@ -1,9 +1,14 @@
 """`megamoe sweep --collect`: final metrics of every run, means and spreads over seeds, overlaid curves.
 
 Writes <sweep root>/results.csv (one row per finished run), results.md (one row per variant and
-grid point: mean ± sample std over seeds of the final validation loss and perplexity, tokens,
-and the mean over seeds of each run's median logged tokens/s)
-and curves.png (mean eval loss and smoothed train loss against tokens, per group).
+grid point, and per budget in a budget sweep: mean ± sample std over seeds of the final validation
+loss and perplexity, steps, tokens, and the mean over seeds of each run's median logged tokens/s)
+and curves.png (mean eval loss and smoothed train loss against tokens, per group; a branch's curve
+starts with its trunk's up to the branch point).
+Each row also has the run's `cpu_s` and `wall_s`, summed over its attempts (logs/<run>.attempts.jsonl;
+empty where none was recorded), and `attempts`. A branch counts only its own attempts: the steps it
+shares with its trunk (up to `branch_step`) are paid once, by the trunk. results.md ends with the
+sweep's totals over every recorded attempt, finished runs or not.
 Runs evaluated with `megamoe eval RUN --tasks ...` at their final step (eval/lm_eval_step_<N>.json)
 add one column per task and metric, `lm_eval/<task>/<metric>`, to both tables.
 """
@@ -19,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megamoe.sweep.spec import Sweep
+from megamoe.sweep.attempts import attempts_file, read_attempts
+from megamoe.sweep.spec import Run, Sweep
 from megamoe.train.metrics import read_metrics
 from megamoe.utils.fs import atomic_write_text
 
@@ -27,6 +33,18 @@ from megamoe.utils.fs import atomic_write_text
 def group_of(run_name: str) -> str:
     """The run name without its seed suffix."""
     return run_name.rsplit("-seed", 1)[0]
+
+
+def _group(run: Run) -> str:
+    """The runs that differ only in seed share it."""
+    return run.group or group_of(run.name)
+
+
+def cost(sweep: Sweep, run: Run) -> dict[str, float | int | None]:
+    """cpu_s and wall_s summed over the run's recorded attempts (None without a record), and their count."""
+    found = read_attempts(attempts_file(sweep.root / "logs", run.name))
+    total = {key: round(sum(a[key] for a in found), 3) if found else None for key in ("cpu_s", "wall_s")}
+    return {**total, "attempts": len(found)}
 
 
 def run_rows(sweep: Sweep) -> list[dict]:
@@ -43,9 +61,10 @@ def run_rows(sweep: Sweep) -> list[dict]:
             continue
         speeds = [r["perf/tokens_per_s"] for r in records if "perf/tokens_per_s" in r]
         rows.append({
-            "run": run.name, "group": group_of(run.name), "seed": run.seed, "step": summary["step"],
+            "run": run.name, "group": _group(run), "seed": run.seed, "step": summary["step"],
             "tokens": summary["tokens"], "eval_loss": final["eval/loss"], "eval_ppl": final["eval/ppl"],
             "tokens_per_s": round(statistics.median(speeds)) if speeds else float("nan"),
+            **cost(sweep, run), **({"branch_step": run.branch.step} if run.branch else {}),
             **lm_eval_columns(run.run_dir, summary["step"]),
         })  # fmt: skip
     return rows
@@ -92,7 +111,7 @@ def group_table(rows: list[dict]) -> list[dict]:
     out = []
     for name, members in groups.items():
         out.append({
-            "variant": name, "seeds": len(members), "tokens": members[0]["tokens"],
+            "variant": name, "seeds": len(members), "steps": members[0]["step"], "tokens": members[0]["tokens"],
             "val loss": _mean_std([m["eval_loss"] for m in members]),
             "val ppl": _mean_std([m["eval_ppl"] for m in members]),
             "tokens/s (median)": f"{statistics.fmean(m['tokens_per_s'] for m in members):,.0f}",
@@ -129,11 +148,11 @@ def curves(sweep: Sweep, path: Path) -> None:
     for run in sweep.runs:
         if not (run.run_dir / "metrics.jsonl").is_file():
             continue
-        records = read_metrics(run.run_dir)
+        records = _records(run)
         tokens_per_step = run.cfg.train.global_batch_size * run.cfg.model.seq_len
         train = [(r["step"] * tokens_per_step, r["train/loss"]) for r in records if "train/loss" in r]
         evals = [(r["step"] * tokens_per_step, r["eval/loss"]) for r in records if "eval/loss" in r]
-        series.setdefault(group_of(run.name), []).append((*zip(*train, strict=True), *zip(*evals, strict=True)))
+        series.setdefault(_group(run), []).append((*zip(*train, strict=True), *zip(*evals, strict=True)))
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in series.items():
         n = min(len(r[0]) for r in runs)
@@ -152,8 +171,26 @@ def curves(sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
+def _records(run: Run) -> list[dict]:
+    """The run's logged metrics; a branch's start with its trunk's up to the branch point."""
+    own = read_metrics(run.run_dir)
+    if run.branch is None or not (run.branch.trunk_dir / "metrics.jsonl").is_file():
+        return own
+    return [r for r in read_metrics(run.branch.trunk_dir) if r["step"] <= run.branch.step] + own
+
+
+def totals(sweep: Sweep) -> str:
+    """A line on what the sweep's recorded attempts cost, finished runs or not."""
+    found = [a for run in sweep.runs for a in read_attempts(attempts_file(sweep.root / "logs", run.name))]
+    cpu, wall = sum(a["cpu_s"] for a in found), sum(a["wall_s"] for a in found)
+    return (
+        f"Cost: {cpu:,.0f} CPU seconds ({cpu / 3600:.2f} CPU hours) and {wall:,.0f} wall seconds "
+        f"over {len(found)} recorded attempts.\n"
+    )
+
+
 def collect(sweep: Sweep) -> tuple[Path, str]:
-    """Write results.csv, results.md and curves.png; returns (root, the markdown table)."""
+    """Write results.csv, results.md and curves.png; returns (root, the markdown table and the cost line)."""
     rows = run_rows(sweep)
     if not rows:
         from megamoe.errors import MegamoeError
@@ -169,8 +206,10 @@ def collect(sweep: Sweep) -> tuple[Path, str]:
     table = markdown(group_table(rows))
     missing = len(sweep.runs) - len(rows)
     note = f"\n{missing} of {len(sweep.runs)} runs not finished.\n" if missing else ""
-    atomic_write_text(sweep.root / "results.md", f"# {sweep.name}\n\n{table}{note}\n![curves](curves.png)\n")
+    cost_line = totals(sweep)
+    page = f"# {sweep.name}\n\n{table}{note}\n{cost_line}\n![curves](curves.png)\n"
+    atomic_write_text(sweep.root / "results.md", page)
     tmp = sweep.root / ".curves.tmp.png"
     curves(sweep, tmp)
     os.replace(tmp, sweep.root / "curves.png")
-    return sweep.root, table
+    return sweep.root, f"{table}\n{cost_line}"

@@ -1,140 +1,192 @@
-"""Running a sweep: locally (in sequence or N processes at a time) or as a SLURM array job.
+"""Running a sweep: locally (in sequence or N jobs at a time) or as a SLURM array job (one task per job).
 
-A run is done when its summary.json reports train.max_steps; it resumes (`--resume`) when its
-directory holds checkpoints; otherwise it starts fresh. Each local run's output goes to
-<sweep root>/logs/<run>.log. With N at a time, each process gets an equal share of the cores.
+A job is one run, or a budget sweep's trunk followed by its cooldown branches (budgets.py): its runs
+go in order, so a branch finds its trunk's checkpoint. Each run is done, resumes (`--resume`) or
+starts fresh (state.py); a new branch starts from its trunk's checkpoint. Each local run's output
+goes to <sweep root>/logs/<run>.log, and each attempt's wall and CPU seconds to
+<run>.attempts.jsonl (attempts.py). With N at a time, each process gets an equal share of the cores.
 
 A killed sweep is rerun as it was: finished runs are skipped, interrupted ones resume. Each
 running `megamoe train` holds <sweep root>/logs/<run>.lock, so a second sweep of the same file
 waits for it (and says so) instead of training the same run twice; and it gets SIGTERM (save a
-checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun.
+checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun. A trunk
+that fails (or stops early) leaves its branches for the rerun; a failed branch does not stop its siblings.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from megamoe.errors import MegamoeError
+from megamoe.sweep.attempts import attempts_file, reap, record, stop_with_parent
 from megamoe.sweep.spec import Run, Sweep
-from megamoe.train.checkpoint import latest_checkpoint
+from megamoe.sweep.state import run_state, start_state
+from megamoe.sweep.task import jobs_json
 from megamoe.utils.locks import note_holder, open_locked
-
-PR_SET_PDEATHSIG = 1
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
 
 
 def status(run: Run) -> str:
     """done, resume or new."""
-    summary = run.run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("step", -1) >= run.cfg.train.max_steps:
-        return "done"
-    return "resume" if latest_checkpoint(run.run_dir) is not None else "new"
+    return run_state(run.run_dir, run.cfg.train.max_steps)
 
 
-def train_command(run: Run) -> list[str]:
+def train_command(run: Run, state: str | None = None) -> list[str]:
     """The `megamoe train` command line of a run (with --resume when it has checkpoints)."""
-    resume = ["--resume"] if status(run) == "resume" else []
+    resume = ["--resume"] if (state or status(run)) == "resume" else []
     return [sys.executable, "-m", "megamoe", "train", *run.args, *resume]
 
 
-def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
-    """Run every unfinished run, `parallel` at a time; returns each launched run's exit status."""
-    todo = [r for r in sweep.runs if status(r) != "done"]
-    echo(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} done, {len(todo)} to run")
-    logs = sweep.root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
-    active: dict[str, subprocess.Popen] = {}
-    results: dict[str, int] = {}
-    while todo or active:
-        while todo and len(active) < parallel:
-            run = todo.pop(0)
-            proc = _launch(run, logs, env, echo)
-            if proc is not None:
-                active[run.name] = proc
-        for name, proc in list(active.items()):
-            if proc.poll() is not None:
-                results[name] = proc.returncode
-                echo(f"  {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} {name}")
-                del active[name]
-        time.sleep(0.5)
-    return results
+def describe(sweep: Sweep) -> list[list[tuple[Run, str]]]:
+    """Per job, each run and a line on it: state, name, run dir, and its part in a budget sweep."""
+    out = []
+    for job in sweep.jobs:
+        pins = [str(r.branch.step) for r in job if r.branch]
+        keeps = f"  (trunk; keeps step{'s' * (len(pins) > 1)} {', '.join(pins)} for its branches)" if pins else ""
+        lines = []
+        for run in job:
+            role = f"  (branch of {run.branch.trunk} at step {run.branch.step})" if run.branch else keeps
+            lines.append((run, f"{status(run):6s} {run.name}  {run.run_dir}{role}"))
+        out.append(lines)
+    return out
 
 
-def _launch(run: Run, logs: Path, env: dict[str, str], echo) -> subprocess.Popen | None:
-    """Start one run's `megamoe train` holding the run's lock; None if it turned out done meanwhile."""
+@dataclass
+class Attempt:
+    """One launched `megamoe train` of a run, and the rest of its job."""
 
-    def waiting(seconds: float, holder: str) -> None:
-        echo(f"  waiting ({seconds:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
-
-    lock = open_locked(logs / f"{run.name}.lock", waiting)
-    try:
-        state = status(run)  # again, under the lock: another sweep may have finished it
-        if state == "done":
-            echo(f"  skip {run.name} (finished by another sweep)")
-            return None
-        echo(f"  start {run.name} ({state})")
-        with open(logs / f"{run.name}.log", "a") as log:
-            proc = subprocess.Popen(
-                train_command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
-                pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent(os.getpid()),
-            )  # fmt: skip
-        note_holder(lock, f"megamoe train pid {proc.pid}, started by sweep pid {os.getpid()}")
-        return proc
-    finally:
-        lock.close()  # the child holds its inherited copy of the lock until it exits
+    run: Run
+    state: str
+    proc: subprocess.Popen
+    started: float
+    """time.time() at launch."""
+    clock: float
+    """time.monotonic() at launch."""
+    rest: list[Run]
 
 
-def _stop_with_parent(parent: int):
-    """A preexec_fn: the child gets SIGTERM (checkpoint and stop) when the sweep process dies; None off Linux."""
-    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
-    if prctl is None:
+class _Local:
+    """The processes of a local sweep: launch, reap and record them, one job's runs after another."""
+
+    def __init__(self, sweep: Sweep, parallel: int, echo):
+        self.logs, self.echo = sweep.root / "logs", echo
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
+        self.results: dict[str, int] = {}
+
+    def next_of(self, job: list[Run]) -> Attempt | None:
+        """Launch the job's next unfinished run; None when none is left."""
+        while job:
+            run, job = job[0], job[1:]
+            try:
+                attempt = self.launch(run, job)
+            except MegamoeError as err:  # a branch whose trunk lacks its checkpoint: the others go on
+                self.fail(run, f"{err}")
+                continue
+            if attempt is not None:
+                return attempt
         return None
 
-    def apply() -> None:  # runs in the child between fork and exec: nothing but system calls here
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the sweep died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+    def launch(self, run: Run, rest: list[Run]) -> Attempt | None:
+        """Start one run's `megamoe train` holding the run's lock; None if it turned out done meanwhile."""
 
-    return apply
+        def waiting(seconds: float, holder: str) -> None:
+            self.echo(f"  waiting ({seconds:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
+
+        lock = open_locked(self.logs / f"{run.name}.lock", waiting)
+        try:
+            fresh = status(run)
+            state = start_state(run.run_dir, run.cfg.train.max_steps, run.branch)  # again, under the lock
+            if state == "done":
+                self.echo(f"  skip {run.name} (finished by another sweep)")
+                return None
+            how = f"branch of {run.branch.trunk} at step {run.branch.step}" if fresh == "new" and run.branch else state
+            self.echo(f"  start {run.name} ({how})")
+            with open(self.logs / f"{run.name}.log", "a") as log:
+                proc = subprocess.Popen(
+                    train_command(run, state), stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                    pass_fds=(lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()),
+                )  # fmt: skip
+            note_holder(lock, f"megamoe train pid {proc.pid}, started by sweep pid {os.getpid()}")
+            return Attempt(run, state, proc, time.time(), time.monotonic(), rest)
+        finally:
+            lock.close()  # the child holds its inherited copy of the lock until it exits
+
+    def finished(self, attempt: Attempt) -> bool:
+        """Reap the attempt if it has exited: record its time, report it, and go on with its job."""
+        reaped = reap(attempt.proc.pid, block=False)
+        if reaped is None:
+            return False
+        code, usage = reaped
+        attempt.proc.returncode = code  # reaped here (os.wait4), so Popen must not wait for it again
+        name = attempt.run.name
+        wall = time.monotonic() - attempt.clock
+        record(attempts_file(self.logs, name), name, attempt.state, attempt.started, wall, usage, code)
+        self.results[name] = code
+        self.echo(f"  {'done' if code == 0 else f'FAILED ({code})'} {name}")
+        if attempt.rest and attempt.run.branch is None and not (code == 0 and status(attempt.run) == "done"):
+            self.echo(f"  not started: {', '.join(r.name for r in attempt.rest)} (their trunk did not finish)")
+            attempt.rest = []
+        return True
+
+    def fail(self, run: Run, why: str) -> None:
+        """A run that could not start: say why, in its log too."""
+        self.echo(f"  FAILED {run.name}: {why}")
+        with open(self.logs / f"{run.name}.log", "a") as log:
+            log.write(f"megamoe sweep: error: {why}\n")
+        self.results[run.name] = 2
+
+
+def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
+    """Run every unfinished run, `parallel` jobs at a time; returns each launched run's exit status."""
+    jobs = [todo for job in sweep.jobs if (todo := [r for r in job if status(r) != "done"])]
+    count = sum(map(len, jobs))
+    echo(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - count} done, {count} to run")
+    local = _Local(sweep, parallel, echo)
+    local.logs.mkdir(parents=True, exist_ok=True)
+    active: list[Attempt] = []
+    while jobs or active:
+        while jobs and len(active) < parallel:
+            if (attempt := local.next_of(jobs.pop(0))) is not None:
+                active.append(attempt)
+        for attempt in list(active):
+            if local.finished(attempt):
+                active.remove(attempt)
+                if (following := local.next_of(attempt.rest)) is not None:
+                    active.append(following)
+        time.sleep(0.5)
+    return local.results
 
 
 def sbatch_script(sweep: Sweep, parallel: int, gpus: int, time_limit: str) -> tuple[str, str]:
-    """(the array job script, the runs file's text): one line of `megamoe train` arguments per run."""
-    runs_file = sweep.root / "runs.txt"
+    """(the array job script, the jobs file's text): one array task per job (jobs_json)."""
     fills = {
         "@@NAME@@": f"megamoe-{sweep.name}",
-        "@@ARRAY@@": f"0-{len(sweep.runs) - 1}%{parallel}",
+        "@@ARRAY@@": f"0-{len(sweep.jobs) - 1}%{parallel}",
         "@@GPUS@@": str(gpus),
         "@@TIME@@": time_limit,
         "@@LOGS@@": str(sweep.root / "logs"),
-        "@@RUNS_FILE@@": str(runs_file),
+        "@@JOBS_FILE@@": str(sweep.root / "jobs.json"),
     }
     script = TEMPLATE.read_text()
     for key, value in fills.items():
         script = script.replace(key, value)
-    lines = "".join(shlex.join(run.args) + "\n" for run in sweep.runs)
-    return script, lines
+    return script, jobs_json(sweep)
 
 
-def submit(sweep: Sweep, script: str, runs_text: str, options: list[str] | None = None) -> str:
-    """Write the runs file and the script under the sweep root, then sbatch it; returns sbatch's output.
+def submit(sweep: Sweep, script: str, jobs_text: str, options: list[str] | None = None) -> str:
+    """Write the jobs file and the script under the sweep root, then sbatch it; returns sbatch's output.
 
     options: sbatch command-line options; they override the script's #SBATCH lines (a CPU node:
     --gpus-per-node=0 --cpus-per-task=N).
     """
-    from megamoe.errors import MegamoeError
-
     (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
-    (sweep.root / "runs.txt").write_text(runs_text)
+    (sweep.root / "jobs.json").write_text(jobs_text)
     path = sweep.root / "sweep.sbatch"
     path.write_text(script)
     try:

@@ -1,4 +1,4 @@
-"""Sweep files: a base config, named variants, a grid and zipped lists of overrides, and seeds → runs.
+"""Sweep files: a base config, named variants, a grid and zipped lists of overrides, seeds and budgets → runs.
 
 A sweep YAML holds:
   name: study                  # folder under `out`
@@ -11,12 +11,15 @@ A sweep YAML holds:
   grid: {moe.num_experts: [4, 8]}        # cartesian product
   zip: {optim.lr: [1e-3, 3e-3], optim.warmup_steps: [10, 20]}   # taken together, position by position
   seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
+  budgets: [500, 1000, 2000]   # optional: train.max_steps of each run; WSD cooldown branches (budgets.py)
 Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
-component; no seed suffix without `seeds`), and every run's config is built and validated when the sweep is read.
+component; no seed suffix without `seeds`; `-steps<S>` appended with `budgets`), and every run's
+config is built and validated when the sweep is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,18 @@ import yaml
 
 from megamoe.config import Config, load_config
 from megamoe.errors import ConfigError
+from megamoe.sweep.budgets import budget_problem, parse_budgets
 
-SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds"}
+SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets"}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Where a cooldown branch starts: its trunk run and the trunk's checkpoint step."""
+
+    trunk: str
+    trunk_dir: Path
+    step: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,10 @@ class Run:
     seed: int
     run_dir: Path
     cfg: Config
+    group: str = ""
+    """The runs that differ only in seed share it ('' = the name up to `-seed`)."""
+    branch: Branch | None = None
+    """A budget sweep's cooldown branch: it starts from its trunk's checkpoint."""
 
     @property
     def args(self) -> list[str]:
@@ -55,6 +72,14 @@ class Sweep:
     path: Path
     root: Path
     runs: tuple[Run, ...]
+
+    @property
+    def jobs(self) -> list[tuple[Run, ...]]:
+        """The runs in the order they must run: each trunk with its branches after it, every other run alone."""
+        jobs: dict[str, list[Run]] = {}
+        for run in self.runs:
+            jobs.setdefault(run.branch.trunk if run.branch else run.name, []).append(run)
+        return [tuple(job) for job in jobs.values()]
 
 
 def _err(path: Path, key: str, what: str) -> ConfigError:
@@ -108,6 +133,45 @@ def _label(items: list[tuple[str, object]]) -> str:
     return "".join(f"-{key.rsplit('.', 1)[-1]}={value}" for key, value in items)
 
 
+@dataclass(frozen=True)
+class _Point:
+    """One (variant, grid point, seed) of a sweep: what its run (or its budget runs) share."""
+
+    path: Path
+    root: Path
+    variant: str
+    config: str | None
+    name: str
+    group: str
+    overrides: tuple[str, ...]
+
+    def run(self, name: str, group: str, extra: list[str]) -> Run:
+        """A run of this point, its config built and validated."""
+        run_dir = self.root / name
+        overrides = (*self.overrides, *extra, f"train.name={name}", f"train.run_dir={run_dir}")
+        cfg = _config(self.path, name, self.config, list(overrides))
+        return Run(name, self.variant, self.config, overrides, cfg.train.seed, run_dir, cfg, group)
+
+
+def _budget_runs(point: _Point, budgets: tuple[int, ...]) -> list[Run]:
+    """The trunk (the largest budget, keeping every branch point), then one cooldown branch per smaller budget."""
+    *smaller, largest = budgets
+    trunk = f"{point.name}-steps{largest}"
+    branches = []
+    for steps in smaller:
+        run = point.run(f"{point.name}-steps{steps}", f"{point.group}-steps{steps}", [f"train.max_steps={steps}"])
+        start = Branch(trunk, point.root / trunk, run.cfg.optim.decay_start(steps))
+        branches.append(dataclasses.replace(run, branch=start))
+    given = branches[0].cfg.train.checkpoint_steps if branches else []  # the file's own, kept too
+    pins = sorted({b.branch.step for b in branches} | set(given))
+    keep = [f"train.checkpoint_steps=[{','.join(map(str, pins))}]"] if pins else []
+    runs = [point.run(trunk, f"{point.group}-steps{largest}", [f"train.max_steps={largest}", *keep]), *branches]
+    for run in runs:
+        if why := budget_problem(run.cfg, budgets):
+            raise _err(point.path, "budgets", f"run {run.name}: {why}")
+    return runs
+
+
 def load_sweep(path: Path) -> Sweep:
     """Parse, expand and validate a sweep file."""
     if not path.is_file():
@@ -120,17 +184,17 @@ def load_sweep(path: Path) -> Sweep:
     root = Path(spec.get("out", "runs/sweeps")) / name
     base = _resolve(path, spec.get("config"))
     common = [str(o) for o in spec.get("overrides", [])]
+    budgets = parse_budgets(path, spec)
     runs = []
     for variant, (config, extra) in _variants(path, spec, base).items():
         for items in _axes(path, spec):
             axis = [f"{k}={v}" for k, v in items]
             for seed in spec.get("seeds") or [None]:
-                run_name = f"{variant}{_label(items)}" + (f"-seed{seed}" if seed is not None else "")
-                run_dir = root / run_name
+                group = f"{variant}{_label(items)}"
+                run_name = group + (f"-seed{seed}" if seed is not None else "")
                 seeded = [f"train.seed={seed}"] if seed is not None else []
-                overrides = (*common, *extra, *axis, *seeded, f"train.name={run_name}", f"train.run_dir={run_dir}")
-                cfg = _config(path, run_name, config, list(overrides))
-                runs.append(Run(run_name, variant, config, overrides, cfg.train.seed, run_dir, cfg))
+                point = _Point(path, root, variant, config, run_name, group, (*common, *extra, *axis, *seeded))
+                runs += _budget_runs(point, budgets) if budgets else [point.run(run_name, group, [])]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise _err(path, "variants", "two runs would share a name; give variants distinct names")

@@ -14,7 +14,8 @@ A checkpoint is written into a hidden temp folder (`.step_N.tmp-save`) and renam
 every rank's shards are in and fsynced, so a kill, a full disk or a preemption mid-save never
 corrupts the newest good one; the next save removes what a killed writer left. Old checkpoints are
 pruned by renaming them to a hidden temp name first, so a kill mid-prune leaves no half-deleted
-checkpoint under a `step_N` name. Weights that are not finite are never saved.
+checkpoint under a `step_N` name; the steps of train.checkpoint_steps are pinned, never pruned.
+Weights that are not finite are never saved.
 `meta.json` records every file's size and CRC-32. `latest_checkpoint` ignores anything without
 meta.json; resuming picks the newest *valid* one (`resume_candidates`, `problem`, `checksum_problem`):
 a truncated, unreadable or altered checkpoint is set aside as `step_N.invalid` with a warning, kept
@@ -33,7 +34,7 @@ import re
 import shutil
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -148,9 +149,15 @@ def _file_sums(folder: Path) -> dict[str, list[int]]:
     return {name: [(folder / name).stat().st_size, _crc32(folder / name)] for name in names}
 
 
-def _prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints; each is first renamed to a hidden temp name."""
-    for old in list_checkpoints(run_dir)[:-keep]:
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (step_N) was written at."""
+    return int(path.name.removeprefix(PREFIX))
+
+
+def _prune(run_dir: Path, keep: int, pinned: Collection[int] = ()) -> None:
+    """Delete all but the newest `keep` unpinned checkpoints (pinned steps stay); each is first renamed away."""
+    unpinned = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) not in pinned]
+    for old in unpinned[:-keep]:
         doomed = old.parent / f".{old.name}.tmp-prune"
         os.rename(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -165,9 +172,16 @@ def _check_finite(model: nn.Module, step: int) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, engine: Engine, meta: dict, keep: int, meshes: dict | None = None
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    engine: Engine,
+    meta: dict,
+    keep: int,
+    meshes: dict | None = None,
+    pinned: Collection[int] = (),
 ) -> Path:
-    """Write the checkpoint of `step` (collectively), atomically; keep the newest `keep`."""
+    """Write the checkpoint of `step` (collectively), atomically; keep the newest `keep` and every pinned step."""
     final = step_dir(run_dir, step)
     main = is_main()
     if from_main(final.exists()):
@@ -197,7 +211,7 @@ def save_checkpoint(
             atomic_write_json(tmp / "meta.json", record)
             os.rename(tmp, final)
             fsync_path(final.parent)
-            _prune(run_dir, keep)
+            _prune(run_dir, keep, pinned)
     finally:
         if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ from megamoe.config.resolve import with_vocab
 from megamoe.data import PreparedData, prepare_data
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.train.checkpoint import (
-    PREFIX,
+    checkpoint_step,
     checkpoints_root,
     latest_checkpoint,
     list_checkpoints,
@@ -76,7 +76,7 @@ def _explicit(run_dir: Path, path: Path) -> list[Path]:
     """--resume-from PATH: that checkpoint; this run's later ones are set aside (rank 0)."""
     step = int(read_meta(path)["step"])
     for later in list_checkpoints(run_dir):
-        if int(later.name.removeprefix(PREFIX)) > step:
+        if checkpoint_step(later) > step:
             set_aside(later, f"newer than --resume-from {path}", "superseded")
     return [path]
 

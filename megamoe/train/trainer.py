@@ -307,8 +307,11 @@ class Trainer:
             "optimizer_steps": self.updates,
             "layout": self.groups.layout.describe(),
         }
-        keep = self.cfg.train.keep_checkpoints
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.engine, meta, keep, self.groups.meshes)
+        tcfg = self.cfg.train
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, self.model, self.engine, meta, tcfg.keep_checkpoints, self.groups.meshes,
+            pinned=tcfg.checkpoint_steps,
+        )  # fmt: skip
 
     def _due(self, interval: int) -> bool:
         """The current step is a multiple of a non-zero interval, or the last step."""
@@ -365,7 +368,7 @@ class Trainer:
                 self._record(sinks, last_eval)
                 if sinks is not None and self.domain_routing is not None:
                     sinks.table(ROUTING_DOMAINS_FILE, self.step, self.domain_routing)
-            if self._due(cfg.train.checkpoint_interval):
+            if self._due(cfg.train.checkpoint_interval) or self.step in cfg.train.checkpoint_steps:
                 self.save(loss)
             if any_rank(preempt.raised):
                 path = self.save(loss)

@@ -1,8 +1,8 @@
 """Lory's dense warm-up and upcycling (arXiv 2405.03133 §3): train dense, then copy the FFN into every expert.
 
-During the first W = ⌊moe.dense_warmup_fraction · train.max_steps⌋ steps every Lory layer routes all
-segments to expert 0, so the model is exactly a dense transformer. At the start of step W (0-indexed),
-before its forward pass:
+During the first W = moe.dense_warmup_steps (else ⌊moe.dense_warmup_fraction · train.max_steps⌋) steps
+every Lory layer routes all segments to expert 0, so the model is exactly a dense transformer. At the
+start of step W (0-indexed), before its forward pass:
 
 * every expert's gate/up/down becomes a copy of expert 0 (the trained dense FFN), and so do their
   AdamW moments (exp_avg, exp_avg_sq): the copies continue with the dense FFN's step sizes;
@@ -33,7 +33,7 @@ UPCYCLE_SEED_OFFSET = 7919
 
 def warmup_steps(cfg: Config) -> int:
     """Dense steps before the switch (0: no warm-up)."""
-    return math.floor(cfg.moe.warmup_fraction * cfg.train.max_steps)
+    return cfg.moe.dense_warmup_steps or math.floor(cfg.moe.warmup_fraction * cfg.train.max_steps)
 
 
 def _split_names(model: nn.Module) -> tuple[list[str], list[str]]:

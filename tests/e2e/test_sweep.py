@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from megamoe.errors import ConfigError
+from megamoe.sweep.attempts import read_attempts
 from megamoe.sweep.runner import status
 from megamoe.sweep.spec import load_sweep
 from tests.e2e.test_train import cli
@@ -84,6 +85,10 @@ def test_local_sweep_skips_resumes_and_collects(data_cache, tiny_data, tmp_path)
         rows = list(csv.DictReader(fh))
     assert sorted(r["run"] for r in rows) == ["dense-seed1", "dense-seed2"]
     assert all(int(r["step"]) == 4 for r in rows)
+    for row in rows:  # two attempts each, one of them beside the other run (--parallel 2): each its own CPU time
+        found = read_attempts(tmp_path / "s" / "logs" / f"{row['run']}.attempts.jsonl")
+        assert [(a["state"], a["exit"]) for a in found] == [("new", 0), ("resume", 0)]
+        assert float(row["cpu_s"]) == pytest.approx(sum(a["cpu_s"] for a in found)) and float(row["cpu_s"]) > 0
     table = (tmp_path / "s" / "results.md").read_text()
     assert "| dense | 2 |" in table and " ± " in table
     assert (tmp_path / "s" / "curves.png").stat().st_size > 0
@@ -95,7 +100,7 @@ def test_slurm_dry_run_prints_a_valid_array_job(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", **spec)
     res = cli("sweep", str(path), "--slurm", "--dry-run", "--parallel", "4", "--gpus", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    script = res.stdout.split("# " + str(tmp_path / "arr" / "runs.txt"))[0]
+    script = res.stdout.split("# " + str(tmp_path / "arr" / "jobs.json"))[0]
     assert "#SBATCH --array=0-5%4" in script and "#SBATCH --gpus-per-node=2" in script and "@@" not in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     lines = [line[4:] for line in res.stdout.splitlines() if line.startswith("#   ")]

@@ -73,6 +73,13 @@ def test_keep_checkpoints_prunes_oldest(data_cache, tiny_data, tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000005", "step_00000006"]
 
 
+def test_checkpoint_steps_are_saved_and_never_pruned(data_cache, tiny_data, tmp_path):
+    """train.checkpoint_steps: saved off the interval, kept past keep_checkpoints (a budget sweep's branch points)."""
+    run = tmp_path / "run"
+    train(data_cache, run, "train.checkpoint_interval=3", "train.keep_checkpoints=1", "train.checkpoint_steps=[1, 2]")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000001", "step_00000002", "step_00000006"]
+
+
 def test_preemption_saves_and_resumes(data_cache, tiny_data, tmp_path, monkeypatch):
     """SIGTERM mid-run: the step finishes, a checkpoint is saved, resume matches a straight run."""
     straight = tmp_path / "straight"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from megamoe.sweep.attempts import read_attempts
 from megamoe.sweep.runner import status
 from megamoe.sweep.spec import load_sweep
 from megamoe.train.checkpoint import list_checkpoints
@@ -181,3 +182,38 @@ def test_sweep_array_preempt_requeue_resume(slurm, data_cache, reference, tmp_pa
         info = job_info(task)
         assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), log.read_text()[-4000:]
     assert [status(r) for r in sweep.runs] == ["done"] * 3
+
+
+def test_budget_sweep_task_runs_trunk_then_branch_and_resumes_the_branch(slurm, data_cache, tmp_path, jobs):
+    """A budget sweep's one array task: the trunk, then its branch; a notice in the branch requeues the task,
+    which skips the finished trunk and resumes the branch. Every attempt is recorded with its CPU time."""
+    steps = ["optim.decay_style=wsd", "optim.decay_fraction=0.5", *RUN[1:]]
+    spec = {"name": "bud", "out": str(tmp_path), "seeds": [1], "budgets": [400, 600],
+            "overrides": [*TINY, f"data.cache_dir={data_cache}", *steps]}  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(spec))
+    env, cpu_node = job_env(), ["--sbatch-arg=--gpus-per-node=0", "--sbatch-arg=--cpus-per-task=1"]
+    out = run(env["PYTHON"], "-m", "megamoe", "sweep", str(path), "--slurm", "--gpus", "1", "--time", "30:00",
+              *cpu_node, env=env, cwd=tmp_path)  # fmt: skip
+    array = re.search(r"Submitted batch job (\d+)", out).group(1)
+    jobs.append(array)
+    trunk, branch = load_sweep(path).runs
+    log = trunk.run_dir.parent / "logs" / f"megamoe-bud-{array}_0.out"
+
+    def branch_trains() -> bool:
+        return len(logged_steps(branch.run_dir)) >= NOTICE_AFTER
+
+    wait_until(f"{branch.name} to log {NOTICE_AFTER} steps", branch_trains, START_S + FINISH_S, [array], [log])
+    run("scancel", "--signal=USR1", "--batch", f"{array}_0")
+    wait_until("the task to end", lambda: job_info(f"{array}_0").get("JobState") in TERMINAL, 2 * FINISH_S,
+               [array], [log])  # fmt: skip
+    text = log.read_text(errors="replace")
+    assert (job_info(f"{array}_0")["JobState"], job_info(f"{array}_0")["Restarts"]) == ("COMPLETED", "1"), text[-4000:]
+    assert text.count(f"run {trunk.name} (new)") == 1 and text.count(f"run {branch.name} (resume)") == 2, text[-4000:]
+    assert [status(r) for r in (trunk, branch)] == ["done", "done"]
+    assert sorted(losses(branch.run_dir)) == list(range(201, 401)), "the branch trained from step 200, once"
+    logs = trunk.run_dir.parent / "logs"
+    found = {r.name: read_attempts(logs / f"{r.name}.attempts.jsonl") for r in (trunk, branch)}
+    assert [(a["state"], a["exit"]) for a in found[trunk.name]] == [("new", 0)]
+    assert [(a["state"], a["exit"]) for a in found[branch.name]] == [("resume", 0), ("resume", 0)]
+    assert all(a["cpu_s"] > 0 for records in found.values() for a in records)
