@@ -11,8 +11,9 @@ appends one JSON record per optimizer step to OUT.jsonl:
 * L<i>/logit_std: the std of the router logits across experts, mean over tokens;
 * L<i>/entropy: the routing distribution's entropy (nats; ln E is uniform), mean over tokens;
 * L<i>/top1: the mean top-1 routing probability;
-* L<i>/h_abs, L<i>/h_sat: RMoE: mean |h| of the GRU state after the layer, and the share of its
-  entries with |h| > 0.9 (a tanh-bounded state near ±1 has saturated);
+* L<i>/h_abs, L<i>/h_sat, L<i>/h_spread: RMoE: mean |h| of the GRU state after the layer, the share
+  of its entries with |h| > 0.9 (a tanh-bounded state near ±1 has saturated), and the std of h over
+  tokens (mean over its P entries): how much the state, and so the routing, depends on the token;
 * L<i>/update_gate, L<i>/cand_sat: RMoE: the GRU's mean update gate z (1 = keep the old state) and
   the share of candidate entries with |n| > 0.95.
 --gru-bias-one starts the GRU's biases at 1 instead of 0, as megamoe's init did until the RMoE study
@@ -84,6 +85,7 @@ class Probe:
                     h_TP = state.h_TP.float()
                     self._add(f"L{layer}/h_abs", h_TP.abs().mean())
                     self._add(f"L{layer}/h_sat", (h_TP.abs() > 0.9).float().mean())
+                    self._add(f"L{layer}/h_spread", h_TP.std(0).mean())
                     for key in ("update_gate", "cand_sat"):
                         self.sums[f"L{layer}/{key}"] += self.sums.pop(f"pending/{key}", 0.0)
                         self.counts[f"L{layer}/{key}"] += 1
@@ -110,7 +112,10 @@ class Probe:
         return out
 
 
-SUMMARY = ("grad/router", "grad/proj", "grad/gru", "grad/all", "logit_std", "entropy", "top1", "h_sat", "update_gate")
+SUMMARY = (
+    "grad/router", "grad/proj", "grad/gru", "grad/all", "logit_std", "entropy", "top1", "h_sat", "h_spread",
+    "update_gate",
+)  # fmt: skip
 """Columns of --summary: gradient groups as they are, per-layer statistics as their mean over layers."""
 
 
