@@ -48,3 +48,28 @@ def single_process_trainer(cfg: Config, resume: bool = False, checkpoint: Path |
 
     groups = local_groups(resolve_layout(cfg, 1), torch.device("cpu"))
     return Trainer(setup_run(cfg, resume=resume, progress=False, checkpoint=checkpoint), groups)
+
+
+PROSE = ("the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "over", "green", "hills", "and", "rivers")
+
+
+def write_source(path: Path, kind: str, documents: int = 40) -> Path:
+    """A small deterministic .jsonl corpus: 'prose' (sentences) or 'code' (Python functions), for blend tests."""
+    import json
+    import random
+
+    rng = random.Random(f"{kind}-{documents}")
+
+    def document(i: int) -> str:
+        if kind == "prose":
+            return " ".join(rng.choice(PROSE) for _ in range(80 + i)) + "."
+        return "\n".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(0, 99)} + {j}" for j in range(4 + i % 5))
+
+    path.write_text("".join(json.dumps({"text": document(i)}) + "\n" for i in range(documents)))
+    return path
+
+
+def blend_override(*sources: tuple[Path, float]) -> str:
+    """The data.blend=[...] override of (path, weight) pairs."""
+    entries = ", ".join(f"{{path: '{path}', weight: {weight}}}" for path, weight in sources)
+    return f"data.blend=[{entries}]"

@@ -52,6 +52,7 @@ def analysis_data(run_dir: Path, cfg, data_path: str | None):
     data_cfg = dataclasses.replace(
         cfg.data,
         path=data_path,
+        blend=None,
         tokenizer=str(run_dir / TOKENIZER_FILE),
         order="random",
         max_documents=0,

@@ -33,5 +33,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     data = prepare_data(cfg.data, progress=cfg.logging.progress)
     summary = {k: v for k, v in data.manifest.items() if k not in ("config", "settings")}
     print(json.dumps(summary, indent=2))
-    print(f"prepared data: {data.root}")
+    for root in [s["root"] for s in data.manifest["blend"]] if cfg.data.blend else [data.root]:
+        print(f"prepared data: {root}")
     return 0

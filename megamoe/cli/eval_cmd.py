@@ -43,6 +43,10 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None, max_sequences: int, bat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sums = eval_sums(model.to(device), split, [(b, 1.0) for b in batches], seq_len, len(data.domains), device)
     rows = [_row("all", sums.loss_D.sum(), sums.count_D.sum())]
+    if cfg.data.blend:  # each source's rows sum its '<source>/<domain>' rows
+        for part, (lo, hi) in zip(data.parts, data.domain_ranges()):
+            if sums.count_D[lo:hi].sum() > 0:
+                rows.append(_row(part.name, sums.loss_D[lo:hi].sum(), sums.count_D[lo:hi].sum()))
     rows += [_row(name, sums.loss_D[d], sums.count_D[d]) for d, name in enumerate(data.domains) if sums.count_D[d]]
     return {
         "checkpoint": meta["checkpoint"],

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from megamoe.config.checks import _check, _nested, _non_negative, _positive
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""What a blend source's name may hold: it becomes part of metric keys (eval/<name>/loss)."""
 
 
 @dataclass(kw_only=True)
@@ -47,6 +53,45 @@ class SimilarityConfig:
 
 
 @dataclass(kw_only=True)
+class BlendSource:
+    """One source of a weighted blend (data.blend): a data.path and the share of samples drawn from it."""
+
+    path: str
+    """The source, as data.path names one: a file, glob or saved dataset dir ('' = the embedded corpus)."""
+    weight: float
+    """Sampling weight, > 0; the blend's weights are normalized to sum to 1."""
+    name: str = ""
+    """Name in metrics (eval/<name>/loss, data/share/<name>); '' = the path's file stem."""
+    order: Literal["", "random", "similarity"] = ""
+    """This source's document order; '' = data.order."""
+    format: Literal["", "auto", "jsonl", "json", "parquet", "text", "arrow"] = ""
+    """This source's file format; '' = data.format."""
+    text_field: str = ""
+    """This source's text column; '' = data.text_field."""
+    domain_field: str = ""
+    """This source's domain column; '' = data.domain_field."""
+
+    @property
+    def label(self) -> str:
+        """name, else the path's stem (a glob's folder; 'embedded' for the embedded corpus)."""
+        if self.name:
+            return self.name
+        if not self.path:
+            return "embedded"
+        path = Path(self.path)
+        return path.parent.name if any(c in path.stem for c in "*?[") else path.stem
+
+    def validate(self) -> None:
+        """A usable weight and name."""
+        _check(math.isfinite(self.weight) and self.weight > 0, "weight", f"must be a number > 0, got {self.weight}")
+        _check(
+            SOURCE_NAME.fullmatch(self.label) is not None,
+            "name",
+            f"{self.label!r} cannot name metrics: use letters, digits, '_', '.', '-' (set name: for this source)",
+        )
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where documents come from and how they become packed token sequences."""
 
@@ -78,6 +123,8 @@ class DataConfig:
     """Folder for tokenizers and packed token files, keyed by a hash of inputs and settings."""
     similarity: SimilarityConfig = field(default_factory=lambda: SimilarityConfig())
     """Similarity ordering (data.order: similarity): embedder, kNN index, traversal, dedup."""
+    blend: list[BlendSource] | None = None
+    """Weighted blend instead of data.path: [{path, weight, name?, order?, format?, text_field?, domain_field?}]."""
 
     def validate(self) -> None:
         """Check ranges."""
@@ -92,3 +139,20 @@ class DataConfig:
             "embedded_unit",
             f"cuts the embedded corpus; data.path is set ({self.path!r})",
         )
+        if self.blend is not None:
+            self._validate_blend(self.blend)
+
+    def _validate_blend(self, blend: list[BlendSource]) -> None:
+        """At least one source, no data.path beside it, every source valid and uniquely named."""
+        _check(bool(blend), "blend", "is empty: list at least one {path, weight} source, or set it to null")
+        _check(not self.path, "blend", f"replaces data.path ({self.path!r}); make that file a blend source instead")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(blend):
+            _nested(source, f"blend[{i}]")
+            name = source.label
+            _check(
+                name not in seen,
+                f"blend[{i}].name",
+                f"{name!r} already names data.blend[{seen.get(name)}]; every source needs its own name (set name:)",
+            )
+            seen[name] = i

@@ -8,6 +8,7 @@ import functools
 import inspect
 import itertools
 import textwrap
+import types
 import typing
 from dataclasses import dataclass
 
@@ -42,22 +43,43 @@ def _type_name(tp: object) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
+class _Required:
+    """The default of a list item's field that has none."""
+
+    def __repr__(self) -> str:
+        return "required"
+
+
+def _item_record(tp: object) -> type | None:
+    """X of a list[X] (or list[X] | None) field whose items are dataclasses (data.blend's sources)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return typing.get_args(tp)[0]
+    return None
+
+
 def iter_keys(cls: type, prefix: str = "") -> list[KeyInfo]:
-    """Every leaf key under a config dataclass, in declaration order."""
+    """Every leaf key under a config dataclass, in declaration order (a list's item fields as key[].field)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    default_obj = cls()
     out: list[KeyInfo] = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             out.extend(iter_keys(tp, key + "."))  # type: ignore[arg-type]
-        else:
-            out.append(KeyInfo(key, _type_name(tp), getattr(default_obj, f.name), docs.get(f.name, "")))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _Required() if default is dataclasses.MISSING else default
+        out.append(KeyInfo(key, _type_name(tp), default, docs.get(f.name, "")))
+        if (item := _item_record(tp)) is not None:
+            out.extend(iter_keys(item, key + "[]."))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,6 +183,13 @@ def _build(cls: type, flat: Flat, prefix: str, origins: dict[str, str]):
 def coerce(value: object, tp: object, key: str, where: str = CLI) -> object:
     """Check value against the annotated type tp (with the few safe conversions)."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # only `X | None`: None, or an X
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return coerce(value, inner, key, where)
+    if dataclasses.is_dataclass(tp):
+        return _coerce_record(value, tp, key, where)  # type: ignore[arg-type]
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
@@ -191,8 +199,26 @@ def coerce(value: object, tp: object, key: str, where: str = CLI) -> object:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {value!r} (in {where})")
         (item_tp,) = typing.get_args(tp)
-        return [coerce(v, item_tp, key, where) for v in value]
+        return [coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     return _coerce_scalar(value, tp, key, where)
+
+
+def _coerce_record(value: object, tp: type, key: str, where: str) -> object:
+    """A mapping (a list item such as one data.blend source) → the dataclass tp, each field checked."""
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping with keys {', '.join(fields)}, got {value!r} (in {where})")
+    for name in value:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            tail = f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(fields)})"
+            raise ConfigError(f"{key}.{name}", f"unknown key (in {where}){tail}")
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in value:
+            raise ConfigError(f"{key}.{name}", f"is required (in {where})")
+    hints = typing.get_type_hints(tp)
+    return tp(**{name: coerce(v, hints[name], f"{key}.{name}", where) for name, v in value.items()})
 
 
 def _coerce_scalar(value: object, tp: object, key: str, where: str) -> object:

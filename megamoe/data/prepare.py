@@ -38,6 +38,8 @@ from megamoe.utils.locks import open_locked
 if TYPE_CHECKING:
     import datasets
 
+    from megamoe.data.blend import PreparedBlend
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -94,8 +96,12 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
-    """The prepared data for cfg: reused from the cache, or built once and cached."""
+def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData | PreparedBlend:
+    """The prepared data for cfg (every source of data.blend): reused from the cache, or built once and cached."""
+    if cfg.blend:
+        from megamoe.data.blend import prepare_blend  # blend.py builds on this module
+
+        return prepare_blend(cfg, progress)
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer)  # fail early, before hashing, on a missing/bad file
     key = cache_key(cfg)

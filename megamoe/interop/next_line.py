@@ -34,6 +34,8 @@ def held_out_texts(run_dir: Path) -> tuple[list[str], list[int], Config]:
     from megamoe.train.run import load_run_config
 
     cfg = load_run_config(str(run_dir), [])
+    if cfg.data.blend:
+        raise MegamoeError(f"--tasks {NAME}: the run trains on a data.blend; {NAME} reads one source's documents")
     data = prepare_data(cfg.data, progress=False)
     doc_ids = np.sort(data.split("val").doc_ids)
     if len(doc_ids) > MAX_DOCUMENTS:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from megamoe.config import Config, config_to_dict
-from megamoe.data import PackedSplit, SequenceSampler
+from megamoe.data import BlendSampler, PackedSplit, PreparedBlend, SequenceSampler
 from megamoe.errors import CheckpointError, CorruptCheckpointError, DataError, NonFiniteError
 from megamoe.model import LayerFactory, build_model
 from megamoe.model.moe.noise import RoutingContext
@@ -28,6 +28,7 @@ from megamoe.model.params import count_parameters, flops_per_token, meta_counts
 from megamoe.model.recompute import set_recompute
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import checkpoint as ckpt
+from megamoe.train.blend_metrics import blend_eval_indices, blend_eval_metrics, describe_blend, share_metrics
 from megamoe.train.dist import any_rank, barrier, is_main, mean_over, sum_over
 from megamoe.train.domain_routing import domain_routing_metrics
 from megamoe.train.engine import PlainEngine
@@ -72,6 +73,8 @@ class Trainer:
         self.cfg: Config = setup.cfg
         self.run_dir: Path = setup.run_dir
         self.data = setup.data
+        self.blend = self.data if isinstance(self.data, PreparedBlend) else None
+        """The sources of a data.blend run (None: one source)."""
         self.groups = groups
         torch.manual_seed(self.cfg.train.seed)
         self.model = build_model(self.cfg.model, self.cfg.train.seed, self._factory(), self.cfg.moe, self._part()).to(
@@ -81,7 +84,7 @@ class Trainer:
         self.pipeline = self._pipeline()
         self.engine = self._engine()
         self.train_split, self.val_split = self._splits()
-        self.sampler = SequenceSampler(self.train_split.num_sequences(self.cfg.model.seq_len), self.cfg.train.seed)
+        self.sampler = self._sampler()
         self.step = 0
         self.updates = 0
         """Optimizer updates applied (steps minus skipped non-finite ones): Adam's bias-correction count."""
@@ -146,16 +149,26 @@ class Trainer:
         return pipeline
 
     def _splits(self) -> tuple[PackedSplit, PackedSplit]:
-        """Train and val splits, each holding at least one full sequence."""
-        splits = self.data.split("train"), self.data.split("val")
+        """Train and val splits, each holding at least one full sequence (of every blend source)."""
+        sources = [(p.data, f"data.blend source {p.name!r}: ") for p in self.data.parts] if self.blend else []
         need = self.cfg.model.seq_len + 1
-        for name, split in zip(("train", "val"), splits):
-            if split.num_sequences(self.cfg.model.seq_len) == 0:
-                raise DataError(
-                    f"data: the {name} split of {self.data.root} has {len(split.tokens)} tokens, "
-                    f"fewer than one sequence (model.seq_len + 1 = {need}); add documents or shorten model.seq_len"
-                )
-        return splits
+        for data, where in sources or [(self.data, "")]:
+            for name in ("train", "val"):
+                split = data.split(name)
+                if split.num_sequences(self.cfg.model.seq_len) == 0:
+                    raise DataError(
+                        f"data: {where}the {name} split of {data.root} has {len(split.tokens)} tokens, fewer than "
+                        f"one sequence (model.seq_len + 1 = {need}); add documents or shorten model.seq_len"
+                    )
+        return self.data.split("train"), self.data.split("val")
+
+    def _sampler(self) -> SequenceSampler | BlendSampler:
+        """The training stream: one source's seeded epochs, or the blend's weighted mix of each source's own."""
+        seq_len, seed = self.cfg.model.seq_len, self.cfg.train.seed
+        if self.blend is None:
+            return SequenceSampler(self.train_split.num_sequences(seq_len), seed)
+        sizes = [split.num_sequences(seq_len) for split in self.train_split.parts]
+        return BlendSampler(sizes, [part.weight for part in self.blend.parts], seed)
 
     def _resume(self, candidates: list[Path], explicit: bool) -> None:
         """Continue from the newest loadable checkpoint (of any layout): weights, optimizer, RNG and step.
@@ -279,9 +292,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on the fixed eval slice, split over the data-parallel ranks."""
         tcfg, seq_len, dp = self.cfg.train, self.cfg.model.seq_len, self.groups.dp
-        batches = rank_share(
-            eval_indices(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches), dp.rank, dp.size
-        )
+        pick = eval_indices if self.blend is None else blend_eval_indices
+        batches = rank_share(pick(self.val_split, seq_len, tcfg.micro_batch_size, tcfg.eval_batches), dp.rank, dp.size)
         domains = self.data.domains
         with self.engine.autocast():
             if self.pipeline is None:
@@ -290,6 +302,8 @@ class Trainer:
                 sums = pipeline_eval_sums(self, batches)
         sums = sums.reduced(lambda t: sum_over(t, dp))
         metrics = eval_metrics(sums.loss_D, sums.count_D, domains)
+        if self.blend is not None:
+            metrics |= blend_eval_metrics(sums.loss_D, sums.count_D, self.blend)
         if sums.routing_KDE.numel():
             routing, self.domain_routing = domain_routing_metrics(
                 sums.routing_KDE, sums.count_D, lory_moe_layers(self.cfg), domains
@@ -361,6 +375,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             if self._due(cfg.logging.log_interval):
                 metrics |= self._throughput(window_steps, time.perf_counter() - window_start)
+                if self.blend is not None:
+                    metrics |= share_metrics(self.sampler, self.blend, self.step * cfg.train.global_batch_size)
                 window_start, window_steps = time.perf_counter(), 0
                 self._record(sinks, metrics)
             if self._due(cfg.train.eval_interval):
@@ -404,6 +420,9 @@ class Trainer:
             self.run_dir, self.groups.layout.describe(), self.groups.device, self.counts.total / 1e6,
             self.counts.active / 1e6, local / 1e6, self.flops_per_token / 1e6, self.peak, self.peak_source,
         )  # fmt: skip
+        if self.blend is not None:
+            samples = self.cfg.train.max_steps * self.cfg.train.global_batch_size
+            log.info("%s", describe_blend(self.blend, self.train_split, self.cfg.model.seq_len, samples))
 
     def _summary(self, last_eval: dict[str, float], loss: float, seconds: float, preempted: str | None) -> dict:
         """Final numbers of the run, also written to <run_dir>/summary.json (rank 0)."""

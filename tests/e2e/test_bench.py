@@ -79,6 +79,7 @@ def test_router_health_records_every_step(data_cache, tiny_data, tmp_path):
         bench("bench.router_health", str(out), *flag, *args, f"train.run_dir={tmp_path / f'run{len(flag)}'}")
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2, 3]
-        assert {"grad/router", "grad/proj", "grad/gru", "grad/all", "L1/h_sat", "L1/h_spread", "L1/entropy"} <= set(records[0])
+        expected = {"grad/router", "grad/proj", "grad/gru", "grad/all", "L1/h_sat", "L1/h_spread", "L1/entropy"}
+        assert expected <= set(records[0])
         gates[len(flag)] = records[0]["L0/update_gate"]
     assert abs(gates[0] - 0.5) < 0.05 and abs(gates[1] - 0.881) < 0.05, gates
