@@ -30,7 +30,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megamoe.model.moe.gru import GRUCell
 from megamoe.model.moe.scorer import Scorer
@@ -95,12 +94,8 @@ class Probe:
     def _gru_hook(self, module, args, _h_TP):
         if not module.training:
             return
-        x_TP, h_TP = args[0].float(), args[1].float()
         with torch.no_grad():
-            gi_r, gi_z, gi_n = F.linear(x_TP, module.weight_ih.float(), module.bias_ih.float()).chunk(3, -1)
-            gh_r, gh_z, gh_n = F.linear(h_TP, module.weight_hh.float(), module.bias_hh.float()).chunk(3, -1)
-            reset, update = torch.sigmoid(gi_r + gh_r), torch.sigmoid(gi_z + gh_z)
-            candidate = torch.tanh(gi_n + reset * gh_n)
+            update, candidate = module.gates(args[0], args[1])
             self.sums["pending/update_gate"] = float(update.mean())
             self.sums["pending/cand_sat"] = float((candidate.abs() > 0.95).float().mean())
 

@@ -30,8 +30,14 @@ class GRUCell(nn.Module):
 
     def forward(self, x_TP: torch.Tensor, h_TP: torch.Tensor, param: Callable = lambda p: p) -> torch.Tensor:
         """The next state; `param` wraps each parameter (tensor parallelism sums its grad over the TP ranks)."""
+        update_TP, candidate_TP = self.gates(x_TP, h_TP, param)
+        return (1 - update_TP) * candidate_TP + update_TP * h_TP
+
+    def gates(
+        self, x_TP: torch.Tensor, h_TP: torch.Tensor, param: Callable = lambda p: p
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(update gate z, candidate n) of one step."""
         gi_r, gi_z, gi_n = F.linear(x_TP, param(self.weight_ih), param(self.bias_ih)).chunk(3, -1)
         gh_r, gh_z, gh_n = F.linear(h_TP, param(self.weight_hh), param(self.bias_hh)).chunk(3, -1)
         reset, update = torch.sigmoid(gi_r + gh_r), torch.sigmoid(gi_z + gh_z)
-        candidate = torch.tanh(gi_n + reset * gh_n)
-        return (1 - update) * candidate + update * h_TP
+        return update, torch.tanh(gi_n + reset * gh_n)
