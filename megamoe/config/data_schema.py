@@ -30,14 +30,20 @@ class SimilarityConfig:
     """Documents embedded (and queries searched) per batch."""
     k: int = 10
     """Nearest neighbors per document (excluding itself); capped at documents − 1."""
-    index: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
-    """faiss index: exact inner product (flat), IVF or IVF-PQ; auto = flat up to exact_max_documents, else ivf."""
+    index: Literal["auto", "flat", "ivf", "ivfpq", "fastscan"] = "auto"
+    """faiss index: flat (exact), ivf, ivfpq or fastscan; auto = flat, ivf, then fastscan by corpus size (see below)."""
     exact_max_documents: int = 100_000
-    """index: auto uses the exact index up to this many documents."""
+    """index: auto uses the exact index up to this many documents, ivf above."""
+    fast_min_documents: int = 2_000_000
+    """index: auto uses fastscan (IVF-HNSW, 4-bit fast-scan PQ, float16 re-rank; CPU) from this many documents."""
+    fast_nprobe: int = 8
+    """fastscan: IVF lists searched per query."""
+    fast_candidates: int = 20
+    """fastscan: candidates per neighbor (fast_candidates·k) from the 4-bit codes, re-ranked by float16 copies."""
     nlist: int = 0
-    """IVF lists; 0 = 4·√N, at most N/39 (faiss wants ≥ 39 training points per list)."""
+    """IVF lists; 0 = 4·√N (fastscan: at most 8192), at most N/39 (faiss wants ≥ 39 training points per list)."""
     nprobe: int = 16
-    """IVF lists searched per query."""
+    """ivf, ivfpq: IVF lists searched per query (fastscan: fast_nprobe)."""
     pq_m: int = 16
     """IVF-PQ: sub-quantizers (must divide the embedding dimension), 8 bits each."""
     dedup_threshold: float = 0.0
@@ -46,7 +52,7 @@ class SimilarityConfig:
     def validate(self) -> None:
         """Check ranges."""
         _positive(self, "dim", "hash_features", "fit_documents", "batch_size", "k", "exact_max_documents")
-        _positive(self, "nprobe", "pq_m")
+        _positive(self, "nprobe", "pq_m", "fast_min_documents", "fast_nprobe", "fast_candidates")
         _non_negative(self, "nlist")
         _check(bool(self.embedder), "embedder", "must be 'tfidf' or a local sentence-transformers model folder")
         _check(0.0 <= self.dedup_threshold <= 1.0, "dedup_threshold", f"must be in [0, 1], got {self.dedup_threshold}")
@@ -123,6 +129,8 @@ class DataConfig:
     """Folder for tokenizers and packed token files, keyed by a hash of inputs and settings."""
     similarity: SimilarityConfig = field(default_factory=lambda: SimilarityConfig())
     """Similarity ordering (data.order: similarity): embedder, kNN index, traversal, dedup."""
+    shard_documents: int = 0
+    """0 = prepare in one process; else in shards of this many documents (datatrove; --workers, --slurm)."""
     blend: list[BlendSource] | None = None
     """Weighted blend instead of data.path: [{path, weight, name?, order?, format?, text_field?, domain_field?}]."""
 
@@ -131,7 +139,7 @@ class DataConfig:
         _nested(self.similarity, "similarity")
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.vocab_size >= 260, "vocab_size", f"must be >= 260 (256 bytes + specials), got {self.vocab_size}")
-        _non_negative(self, "max_documents")
+        _non_negative(self, "max_documents", "shard_documents")
         _check(bool(self.text_field), "text_field", "must not be empty")
         _check(bool(self.cache_dir), "cache_dir", "must not be empty")
         _check(
