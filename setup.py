@@ -17,6 +17,8 @@ setup(
         "megatron-core==0.16.1",
         "deepspeed>=0.16",
         "datasets>=3.0",
+        # sharded data preparation: local and SLURM executors with per-task completion (docs/data.md)
+        "datatrove>=0.10,<0.11",
         "tokenizers>=0.20",
         "triton>=3.0",
         "wandb>=0.18",

@@ -2,8 +2,9 @@
 
 from megamoe.data.blend import BlendedSplit, PreparedBlend
 from megamoe.data.blend_sampler import BlendSampler
+from megamoe.data.entry import prepare_data
 from megamoe.data.packed import Batch, PackedSplit
-from megamoe.data.prepare import PreparedData, prepare_data
+from megamoe.data.prepare import PreparedData
 from megamoe.data.sampler import SequenceSampler
 
 __all__ = [

@@ -27,7 +27,8 @@ from megamoe.config import DataConfig
 from megamoe.config.data_schema import BlendSource
 from megamoe.data.corpus import resolve_files
 from megamoe.data.packed import Batch, PackedSplit
-from megamoe.data.prepare import PreparedData, prepare_data
+from megamoe.data.prepare import PreparedData
+from megamoe.data.source import prepare_source
 from megamoe.errors import DataError
 
 SOURCE_KEYS = ("path", "format", "text_field", "domain_field", "order")
@@ -180,7 +181,7 @@ def prepare_blend(cfg: DataConfig, progress: bool = True) -> PreparedBlend:
         if k > 0 and not cfg.tokenizer:  # the first source's trained BPE tokenizes every other source
             one = dataclasses.replace(one, tokenizer=str(parts[0].data.tokenizer_path))
         with _as_source(k, source.label):
-            parts.append(BlendPart(source.label, source.weight / total, prepare_data(one, progress)))
+            parts.append(BlendPart(source.label, source.weight / total, prepare_source(one, progress)))
     check_one_tokenizer(parts)
     return PreparedBlend(parts)
 

@@ -38,8 +38,6 @@ from megamoe.utils.locks import open_locked
 if TYPE_CHECKING:
     import datasets
 
-    from megamoe.data.blend import PreparedBlend
-
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -49,6 +47,11 @@ KEY_FIELDS = (
 )  # fmt: skip
 """DataConfig fields that change the prepared output (cache_dir does not)."""
 ENCODE_BATCH = 256
+SELECT_BATCH = 8192
+"""Documents read per batch while selecting the usable ones."""
+STREAM_CHUNK = 1 << 24
+"""Tokens read per chunk by the streamed statistics."""
+"""Documents read per batch while selecting the usable ones."""
 
 
 @dataclass
@@ -84,6 +87,8 @@ def key_settings(cfg: DataConfig) -> dict:
     settings["similarity"] = dataclasses.asdict(cfg.similarity) if cfg.order == "similarity" else None
     if not cfg.path and cfg.embedded_unit != "module":  # absent by default: earlier caches keep their keys
         settings["embedded_unit"] = cfg.embedded_unit
+    if cfg.shard_documents:  # a sharded cache (data.shard_documents) has another layout
+        settings["shard_documents"] = cfg.shard_documents
     return settings
 
 
@@ -96,18 +101,14 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData | PreparedBlend:
-    """The prepared data for cfg (every source of data.blend): reused from the cache, or built once and cached."""
-    if cfg.blend:
-        from megamoe.data.blend import prepare_blend  # blend.py builds on this module
-
-        return prepare_blend(cfg, progress)
+def prepare_packed(cfg: DataConfig, progress: bool = True) -> PreparedData:
+    """One source prepared in this process: reused from the cache, or built once and cached."""
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer)  # fail early, before hashing, on a missing/bad file
     key = cache_key(cfg)
     root = Path(cfg.cache_dir).expanduser() / "data" / key
     try:
-        with _lock(root.with_suffix(".lock")):
+        with cache_lock(root.with_suffix(".lock")):
             if (root / "manifest.json").is_file():
                 log.info("data: reusing %s", root)
             else:
@@ -136,7 +137,7 @@ def _build_atomically(cfg: DataConfig, key: str, root: Path, progress: bool) -> 
 
 
 @contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def cache_lock(path: Path) -> Iterator[None]:
     """An exclusive file lock: one process prepares, the others wait (saying for whom) and then reuse."""
 
     def waiting(seconds: float, holder: str) -> None:
@@ -150,15 +151,17 @@ def _lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _select(cfg: DataConfig, docs: datasets.Dataset) -> tuple[np.ndarray, int]:
+def select_documents(cfg: DataConfig, docs: datasets.Dataset) -> tuple[np.ndarray, int]:
     """Indices of usable documents (non-empty, not excluded, subsampled) and the empty count."""
     excluded = set(cfg.exclude_domains)
-    keep, empty = [], 0
-    for i, (text, domain) in enumerate(zip(docs["text"], docs["domain"])):
-        if not text or not text.strip():
-            empty += 1
-        elif domain not in excluded:
-            keep.append(i)
+    keep, empty, start = [], 0, 0
+    for batch in docs.select_columns(["text", "domain"]).iter(batch_size=SELECT_BATCH):  # never all texts at once
+        for i, (text, domain) in enumerate(zip(batch["text"], batch["domain"]), start):
+            if not text or not text.strip():
+                empty += 1
+            elif domain not in excluded:
+                keep.append(i)
+        start += len(batch["text"])
     keep_idx = np.asarray(keep, dtype=np.int64)
     if cfg.max_documents and len(keep_idx) > cfg.max_documents:
         rng = np.random.default_rng([cfg.seed, 1])
@@ -176,7 +179,7 @@ def split_documents(doc_idx: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarra
     return {"train": perm[num_val:], "val": perm[:num_val]}
 
 
-def _tokenizer_for(cfg: DataConfig, docs: datasets.Dataset, train_idx: np.ndarray):
+def tokenizer_for(cfg: DataConfig, docs: datasets.Dataset, train_idx: np.ndarray):
     """The configured tokenizer, or a BPE trained on the training documents."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer), False
@@ -200,10 +203,16 @@ def _write_split(writer: SplitWriter, docs, order, tok, eod, domain_ids, progres
 
 
 def unigram_perplexity(train: PackedSplit, val: PackedSplit, vocab_size: int) -> float:
-    """Perplexity of val under add-one-smoothed unigram frequencies of train (the floor to beat)."""
-    counts = np.bincount(np.asarray(train.tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    """Perplexity of val under add-one-smoothed unigram frequencies of train (the floor to beat), streamed."""
+    counts = np.ones(vocab_size, np.float64)
+    for start in range(0, len(train.tokens), STREAM_CHUNK):
+        counts += np.bincount(np.asarray(train.tokens[start : start + STREAM_CHUNK]), minlength=vocab_size)
     logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[np.asarray(val.tokens[1:])].mean()))
+    total, count = 0.0, 0
+    for start in range(1, len(val.tokens), STREAM_CHUNK):
+        ids = np.asarray(val.tokens[start : start + STREAM_CHUNK])
+        total, count = total + float(logp[ids].sum()), count + len(ids)
+    return float(math.exp(-total / max(count, 1)))
 
 
 def _similarity_order(cfg: DataConfig, docs, train_idx, domain_ids, out: Path, progress: bool):
@@ -228,7 +237,7 @@ def _similarity_order(cfg: DataConfig, docs, train_idx, domain_ids, out: Path, p
 def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
     """Prepare everything into out (a temp dir renamed by the caller)."""
     docs = load_documents(cfg, Path(cfg.cache_dir).expanduser() / "hf")
-    doc_idx, empty = _select(cfg, docs)
+    doc_idx, empty = select_documents(cfg, docs)
     splits = split_documents(doc_idx, cfg)
     domain_col = docs["domain"]
     domains = sorted({domain_col[int(i)] for i in doc_idx})
@@ -236,7 +245,7 @@ def _build(cfg: DataConfig, key: str, out: Path, progress: bool) -> None:
     similarity = None
     if cfg.order == "similarity":
         splits["train"], similarity = _similarity_order(cfg, docs, splits["train"], domain_ids, out, progress)
-    tok, trained = _tokenizer_for(cfg, docs, splits["train"])
+    tok, trained = tokenizer_for(cfg, docs, splits["train"])
     tok.save(str(out / "tokenizer.json"))
     eod = eod_id(tok, "data.tokenizer")
     vocab = tok.get_vocab_size()

@@ -217,3 +217,52 @@ def test_budget_sweep_task_runs_trunk_then_branch_and_resumes_the_branch(slurm, 
     assert [(a["state"], a["exit"]) for a in found[trunk.name]] == [("new", 0)]
     assert [(a["state"], a["exit"]) for a in found[branch.name]] == [("resume", 0), ("resume", 0)]
     assert all(a["cpu_s"] > 0 for records in found.values() for a in records)
+
+
+def _data_jobs() -> list[str]:
+    """Ids of the sharded preparation's jobs SLURM still knows (names megamoe-data-<stage>)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [row[0] for row in rows if len(row) > 1 and row[1].startswith("megamoe-data-")]
+
+
+def test_sharded_prepare_on_slurm_survives_a_cancel_and_equals_local_workers(slurm, tmp_path, jobs):
+    """`megamoe data prepare --slurm`: the plan job submits the stage arrays; cancelling them mid-way and rerunning
+    the command resubmits only unfinished shards; the cache equals a local `--workers 2` run's byte for byte."""
+    from tests.faults.test_sharded_faults import completed_task_logs, done_shards
+    from tests.unit.test_sharded_prepare import tree_digest
+
+    data = [*TINY, "data.shard_documents=4", "data.order=similarity", "data.similarity.hash_features=4096",
+            "logging.progress=false"]  # fmt: skip
+    env = job_env()
+
+    def prepare(cache: Path, *how: str) -> str:
+        return run(env["PYTHON"], "-m", "megamoe", "data", "prepare", *data, f"data.cache_dir={cache}", *how,
+                   env=env, cwd=tmp_path)  # fmt: skip
+
+    prepare(tmp_path / "local", "--workers=2")
+    (local,) = [p for p in (tmp_path / "local" / "data").iterdir() if p.is_dir() and not p.name.endswith(".work")]
+    cache = tmp_path / "slurm"
+    root = cache / "data" / local.name
+    out = prepare(cache, "--slurm", "--time=10:00", "--mem-per-cpu-gb=1")
+    jobs += re.findall(r"submitted SLURM jobs ([\d ]+)", out)[0].split()
+    logs = [cache / "data" / f"{local.name}.work" / "logs"]
+    again = subprocess.run([env["PYTHON"], "-m", "megamoe", "data", "prepare", *data, f"data.cache_dir={cache}",
+                            "--slurm"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "is being prepared by SLURM jobs" in again.stderr, again.stderr[-2000:]
+    wait_until("a token shard on SLURM", lambda: len(done_shards(cache)) >= 1, START_S, jobs, logs)
+    cancelled = _data_jobs()
+    jobs += cancelled
+    run("scancel", *cancelled)
+    wait_until("the cancelled jobs to leave", lambda: not _data_jobs(), REQUEUE_S, jobs, logs)
+    assert not root.exists(), "the cancel came too late: the preparation had finished"
+    before = completed_task_logs(cache)
+
+    out = prepare(cache, "--slurm", "--time=10:00", "--mem-per-cpu-gb=1")
+    jobs += re.findall(r"submitted SLURM jobs ([\d ]+)", out)[0].split()
+    wait_until("the resubmitted preparation to finish", lambda: (root / "manifest.json").is_file(), FINISH_S,
+               jobs, logs)  # fmt: skip
+    assert tree_digest(root) == tree_digest(local)
+    after = completed_task_logs(cache)
+    assert {name: after[name] for name in before} == before, "a finished shard's task ran again"
+    assert "already finished" in prepare(cache, "--slurm")

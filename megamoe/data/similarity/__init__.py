@@ -17,12 +17,12 @@ import numpy as np
 from megamoe.config import SimilarityConfig
 from megamoe.data.similarity.embed import TextBatches, embed_documents
 from megamoe.data.similarity.graph import build_graph, greedy_path, near_duplicates
-from megamoe.data.similarity.knn import search_neighbors
+from megamoe.data.similarity.knn import Neighbors, search_neighbors
 from megamoe.data.similarity.report import quality_report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["order_documents"]
+__all__ = ["order_documents", "order_from_neighbors"]
 
 
 def order_documents(
@@ -48,21 +48,28 @@ def order_documents(
     lap("embed_s")
     nbrs = search_neighbors(cfg, emb_NK, seed, progress)
     lap("knn_s")
+    path, report = order_from_neighbors(cfg, nbrs, emb_NK, domain_N, seed)
+    lap("traverse_s")
+    np.save(workdir / "order.npy", path)
+    return path, {**report, "seconds": times}
+
+
+def order_from_neighbors(
+    cfg: SimilarityConfig, nbrs: Neighbors, emb_NK: np.ndarray, domain_N: np.ndarray, seed: int
+) -> tuple[np.ndarray, dict]:
+    """Near-duplicates dropped, the greedy path through the kNN graph, and the report (no timings)."""
     drop_N = near_duplicates(nbrs.ids_Nk, nbrs.sims_Nk, cfg.dedup_threshold)
     graph = build_graph(nbrs.ids_Nk, nbrs.sims_Nk, ~drop_N)
     path, runs = greedy_path(graph, ~drop_N, seed)
-    lap("traverse_s")
-    np.save(workdir / "order.npy", path)
     report = {
         "embedder": cfg.embedder,
         "dim": int(emb_NK.shape[1]),
         "index": nbrs.index,
         "k": int(nbrs.ids_Nk.shape[1]),
-        "documents": num,
+        "documents": len(domain_N),
         "near_duplicates_dropped": int(drop_N.sum()),
         "path_runs": runs,
         **quality_report(emb_NK, domain_N, path, seed),
-        "seconds": times,
     }
     log.info(
         "data: similarity order of %d documents (%d near-duplicates dropped): adjacent cosine %.3f vs %.3f random, "
