@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def main() -> None:
     for name in [n for n in record if isinstance(record[n], dict) and "seconds" in record[n]]:
         record[name]["tokens_per_s"] = round(tokens / record[name]["seconds"])
     record["shard_overhead"] = round(record["sharded_w1"]["seconds"] / record["one_process"]["seconds"], 3)
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(record, indent=1))
 
 

@@ -83,3 +83,10 @@ def test_router_health_records_every_step(data_cache, tiny_data, tmp_path):
         assert expected <= set(records[0])
         gates[len(flag)] = records[0]["L0/update_gate"]
     assert abs(gates[0] - 0.5) < 0.05 and abs(gates[1] - 0.881) < 0.05, gates
+
+
+def test_prepare_throughput_tiny():
+    """One process and sharded on 1 and 2 workers prepare the same tokens; every variant gets a rate."""
+    record = json.loads(bench("bench.prepare_throughput", "--docs", "1200", "--words", "40", "--shard", "300"))
+    assert record["tokens"] > 0 and record["shard_overhead"] > 0
+    assert all(record[v]["tokens_per_s"] > 0 for v in ("one_process", "sharded_w1", "sharded_w2"))
