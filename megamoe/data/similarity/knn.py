@@ -48,8 +48,6 @@ FAST_MAX_M = 64
 """fastscan: at most this many 4-bit PQ codes per document."""
 HNSW_M = 32
 """fastscan: links per centroid in the HNSW coarse quantizer."""
-HNSW_ADD_EF = 8
-"""fastscan: HNSW search breadth while adding (each document's nearest list; 99% exact, twice as fast)."""
 ADD_ROWS = 65536
 """Rows added to the index per call (fewer calls: faster fast-scan packing)."""
 SEARCH_CHUNK = 2**20
@@ -114,8 +112,6 @@ def build_index(cfg: SimilarityConfig, emb_NK: np.ndarray, seed: int):
     step = max(cfg.batch_size, ADD_ROWS)
     for start in range(0, num, step):
         index.add(_float32(emb_NK, slice(start, start + step)))
-    if kind == "fastscan":
-        _coarse_hnsw(index).efSearch = max(16, 2 * cfg.fast_nprobe)  # search breadth from here on
     return index, f"{desc} on {where}"
 
 
@@ -149,7 +145,7 @@ def _fastscan_index(cfg: SimilarityConfig, emb_NK: np.ndarray, seed: int):
     dim = emb_NK.shape[1]
     nlist = _nlist(cfg, emb_NK.shape[0], FAST_MAX_NLIST)
     sample_SK = _train_sample(emb_NK, nlist, seed)
-    quantizer = _hnsw_centroids(sample_SK, nlist, seed)
+    quantizer = _hnsw_centroids(sample_SK, nlist, seed, max(16, 2 * cfg.fast_nprobe))
     ivf = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, _fast_m(dim), 4, faiss.METRIC_INNER_PRODUCT)
     ivf.by_residual = True
     ivf.nprobe = min(cfg.fast_nprobe, nlist)
@@ -165,8 +161,8 @@ def _fastscan_index(cfg: SimilarityConfig, emb_NK: np.ndarray, seed: int):
     return index, desc
 
 
-def _hnsw_centroids(sample_SK: np.ndarray, nlist: int, seed: int):
-    """An HNSW index over nlist seeded spherical k-means centroids of the sample (set to search for adding)."""
+def _hnsw_centroids(sample_SK: np.ndarray, nlist: int, seed: int, ef_search: int):
+    """An HNSW index over nlist seeded spherical k-means centroids of the sample."""
     import faiss
 
     kmeans = faiss.Kmeans(sample_SK.shape[1], nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=256)
@@ -174,15 +170,8 @@ def _hnsw_centroids(sample_SK: np.ndarray, nlist: int, seed: int):
     quantizer = faiss.IndexHNSWFlat(sample_SK.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     with _one_thread():  # parallel insertion makes the graph depend on thread timing
         quantizer.add(kmeans.centroids)
-    quantizer.hnsw.efSearch = HNSW_ADD_EF
+    quantizer.hnsw.efSearch = ef_search
     return quantizer
-
-
-def _coarse_hnsw(index):
-    """The HNSW graph of a fastscan index's coarse quantizer."""
-    import faiss
-
-    return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
 
 
 @contextmanager
