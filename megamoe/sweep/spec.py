@@ -186,10 +186,11 @@ def load_sweep(path: Path) -> Sweep:
     common = [str(o) for o in spec.get("overrides", [])]
     budgets = parse_budgets(path, spec)
     runs = []
-    for variant, (config, extra) in _variants(path, spec, base).items():
-        for items in _axes(path, spec):
-            axis = [f"{k}={v}" for k, v in items]
-            for seed in spec.get("seeds") or [None]:
+    # Seed-major: an interrupted sweep has compared every variant on its first seed before any second seed.
+    for seed in spec.get("seeds") or [None]:
+        for variant, (config, extra) in _variants(path, spec, base).items():
+            for items in _axes(path, spec):
+                axis = [f"{k}={v}" for k, v in items]
                 group = f"{variant}{_label(items)}"
                 run_name = group + (f"-seed{seed}" if seed is not None else "")
                 seeded = [f"train.seed={seed}"] if seed is not None else []

@@ -38,6 +38,7 @@ def test_expansion_names_and_validation(tmp_path):
     assert first.name == "dense-num_experts=4-lr=0.001-warmup_steps=1-seed5"
     assert first.run_dir == tmp_path / "out" / "abl" / first.name
     assert first.cfg.train.max_steps == 7 and first.cfg.train.seed == 5 and first.cfg.optim.warmup_steps == 1
+    assert [r.cfg.train.seed for r in sweep.runs] == [5] * 8 + [6] * 8  # seed-major: every variant's first seed first
     top2 = [r for r in sweep.runs if r.variant == "top2"][-1]
     assert top2.cfg.moe.top_k == 2 and top2.cfg.moe.num_experts == 8 and top2.cfg.optim.lr == 0.002
     assert status(first) == "new"
