@@ -9,6 +9,8 @@ Each row also has the run's `cpu_s` and `wall_s`, summed over its attempts (logs
 empty where none was recorded), and `attempts`. A branch counts only its own attempts: the steps it
 shares with its trunk (up to `branch_step`) are paid once, by the trunk. results.md ends with the
 sweep's totals over every recorded attempt, finished runs or not.
+A sweep file's `reports` add study reports (megamoe/sweep/reports/): each writes report_<name>.md
+and is appended to results.md.
 Runs evaluated with `megamoe eval RUN --tasks ...` at their final step (eval/lm_eval_step_<N>.json)
 add one column per task and metric, `lm_eval/<task>/<metric>`, to both tables.
 """
@@ -148,7 +150,7 @@ def curves(sweep: Sweep, path: Path) -> None:
     for run in sweep.runs:
         if not (run.run_dir / "metrics.jsonl").is_file():
             continue
-        records = _records(run)
+        records = run_records(run)
         tokens_per_step = run.cfg.train.global_batch_size * run.cfg.model.seq_len
         train = [(r["step"] * tokens_per_step, r["train/loss"]) for r in records if "train/loss" in r]
         evals = [(r["step"] * tokens_per_step, r["eval/loss"]) for r in records if "eval/loss" in r]
@@ -171,7 +173,7 @@ def curves(sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
-def _records(run: Run) -> list[dict]:
+def run_records(run: Run) -> list[dict]:
     """The run's logged metrics; a branch's start with its trunk's up to the branch point."""
     own = read_metrics(run.run_dir)
     if run.branch is None or not (run.branch.trunk_dir / "metrics.jsonl").is_file():
@@ -187,6 +189,18 @@ def totals(sweep: Sweep) -> str:
         f"Cost: {cpu:,.0f} CPU seconds ({cpu / 3600:.2f} CPU hours) and {wall:,.0f} wall seconds "
         f"over {len(found)} recorded attempts.\n"
     )
+
+
+def _reports(sweep: Sweep, rows: list[dict]) -> str:
+    """Run the sweep's study reports: each to report_<name>.md; their sections, to append to results.md."""
+    from megamoe.sweep.reports import report_function
+
+    sections = []
+    for name, options in sweep.reports:
+        section = report_function(name)(sweep, rows, sweep.root, **options)
+        atomic_write_text(sweep.root / f"report_{name}.md", section)
+        sections.append("\n" + section)
+    return "".join(sections)
 
 
 def collect(sweep: Sweep) -> tuple[Path, str]:
@@ -207,7 +221,7 @@ def collect(sweep: Sweep) -> tuple[Path, str]:
     missing = len(sweep.runs) - len(rows)
     note = f"\n{missing} of {len(sweep.runs)} runs not finished.\n" if missing else ""
     cost_line = totals(sweep)
-    page = f"# {sweep.name}\n\n{table}{note}\n{cost_line}\n![curves](curves.png)\n"
+    page = f"# {sweep.name}\n\n{table}{note}\n{cost_line}\n![curves](curves.png)\n" + _reports(sweep, rows)
     atomic_write_text(sweep.root / "results.md", page)
     tmp = sweep.root / ".curves.tmp.png"
     curves(sweep, tmp)

@@ -12,6 +12,7 @@ A sweep YAML holds:
   zip: {optim.lr: [1e-3, 3e-3], optim.warmup_steps: [10, 20]}   # taken together, position by position
   seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
   budgets: [500, 1000, 2000]   # optional: train.max_steps of each run; WSD cooldown branches (budgets.py)
+  reports: [balance, {crossover: {baseline: dense}}]   # optional: study reports --collect adds (reports/)
 Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
 component; no seed suffix without `seeds`; `-steps<S>` appended with `budgets`), and every run's
 config is built and validated when the sweep is read.
@@ -29,8 +30,9 @@ import yaml
 from megamoe.config import Config, load_config
 from megamoe.errors import ConfigError
 from megamoe.sweep.budgets import budget_problem, parse_budgets
+from megamoe.sweep.reports import REPORTS
 
-SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets"}
+SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets", "reports"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Sweep:
     path: Path
     root: Path
     runs: tuple[Run, ...]
+    reports: tuple[tuple[str, dict], ...] = ()
+    """Study reports --collect adds, with their options (megamoe/sweep/reports/)."""
 
     @property
     def jobs(self) -> list[tuple[Run, ...]]:
@@ -199,4 +203,29 @@ def load_sweep(path: Path) -> Sweep:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise _err(path, "variants", "two runs would share a name; give variants distinct names")
-    return Sweep(name, path, root, tuple(runs))
+    return Sweep(name, path, root, tuple(runs), _reports(path, spec))
+
+
+def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:
+    """The sweep's `reports`: each a report name, or {name: {option: value}}, checked against its function."""
+    import inspect
+
+    from megamoe.sweep.reports import report_function
+
+    entries = spec.get("reports") or []
+    if not isinstance(entries, list):
+        raise _err(path, "reports", f"expected a list of report names from {sorted(REPORTS)}, got {entries!r}")
+    out = []
+    for entry in entries:
+        name, options = next(iter(entry.items())) if isinstance(entry, dict) and len(entry) == 1 else (entry, {})
+        if not isinstance(name, str) or name not in REPORTS or not isinstance(options, dict):
+            raise _err(
+                path,
+                "reports",
+                f"expected a report name from {sorted(REPORTS)} or {{name: {{options}}}}, got {entry!r}",
+            )
+        known = list(inspect.signature(report_function(name)).parameters)[3:]
+        if unknown := sorted(set(options) - set(known)):
+            raise _err(path, "reports", f"{name}: unknown option {unknown[0]!r}; expected one of {known}")
+        out.append((name, dict(options)))
+    return tuple(out)

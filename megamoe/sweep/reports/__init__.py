@@ -1,0 +1,22 @@
+"""Study reports that `megamoe sweep --collect` adds to results.md when the sweep file names them.
+
+A sweep file's `reports: [NAME, ...]` picks them. Each is a function `report(sweep, rows, out_dir)
+-> str`: rows are collect's per-run rows, out_dir the sweep root (for its plots). It returns a
+markdown section, which collect writes to `report_<NAME>.md` and appends to results.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+REPORTS = {
+    "balance": "megamoe.sweep.reports.balance",
+    "crossover": "megamoe.sweep.reports.crossover",
+}
+"""Report name → module holding its `report` function (imported only when used)."""
+
+
+def report_function(name: str) -> Callable:
+    """The `report` function of a named report."""
+    return importlib.import_module(REPORTS[name]).report

@@ -1,0 +1,205 @@
+"""The budget crossover report: each variant against a baseline at every budget, in tokens and in FLOPs.
+
+Options (a sweep file's `reports: [{crossover: {...}}]`):
+  baseline: the variant every other is compared with (default: the sweep's first variant);
+  pairs: [[a, b], ...] variants compared seed by seed at the largest budget;
+  analyze: [variant, ...] Lory variants whose per-domain routing weights are compared (lory_domains.py).
+A budget's FLOPs are the run's training FLOPs per token (megamoe.model.params.flops_per_token,
+megatron-core's counting) times its tokens. "Ahead" and "behind" need the difference of the means to
+exceed 2 standard errors, √(s_a²/n_a + s_b²/n_b); anything smaller is "within noise".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from megamoe.sweep.spec import Run, Sweep
+
+PLOT = "crossover.png"
+Z = 2.0
+"""Standard errors a difference must exceed to count as ahead or behind."""
+
+
+def run_flops(run: Run) -> float:
+    """Training FLOPs per token of a run, from the config it saved (its real vocabulary)."""
+    from megamoe.model.params import flops_per_token, meta_counts
+    from megamoe.train.run import load_run_config
+
+    cfg = load_run_config(str(run.run_dir), [])
+    return flops_per_token(cfg.model, meta_counts(cfg.model, None, cfg.moe), cfg.moe)
+
+
+def points(sweep: Sweep, rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """variant → steps → its finished runs' rows, each with `flops` and `cpu_total_s` added."""
+    runs = {run.name: run for run in sweep.runs}
+    by_name = {row["run"]: row for row in rows}
+    flops: dict[str, float] = {}
+    out: dict[str, dict[int, list[dict]]] = {}
+    for row in rows:
+        run = runs[row["run"]]
+        flops.setdefault(run.variant, run_flops(run))
+        trunk = by_name.get(run.branch.trunk) if run.branch else None
+        share = (trunk["cpu_s"] or 0) * run.branch.step / trunk["step"] if trunk else 0.0
+        extra = {"flops": flops[run.variant] * row["tokens"], "cpu_total_s": (row["cpu_s"] or 0) + share}
+        out.setdefault(run.variant, {}).setdefault(row["step"], []).append({**row, **extra})
+    return out
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std (0 for one value), n)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _cell(stats: tuple[float, float, int], digits: int) -> str:
+    """'mean ± std', or the mean alone for one seed."""
+    mean, std, n = stats
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def verdict(a: list[float], b: list[float]) -> tuple[float, float, str]:
+    """(mean a − mean b, its standard error, 'ahead' | 'behind' | 'within noise'); lower is better."""
+    (ma, sa, na), (mb, sb, nb) = _stats(a), _stats(b)
+    diff, se = ma - mb, math.sqrt(sa**2 / na + sb**2 / nb)
+    if na < 2 or nb < 2:
+        return diff, float("nan"), "one seed"
+    return diff, se, "ahead" if diff < -Z * se else "behind" if diff > Z * se else "within noise"
+
+
+def at_flops(base: dict[int, list[dict]], flops: float) -> float:
+    """The baseline's mean loss at these FLOPs: linear in log FLOPs between its budgets (nan outside them)."""
+    xs = sorted(
+        (statistics.fmean(r["flops"] for r in rs), statistics.fmean(r["eval_loss"] for r in rs)) for rs in base.values()
+    )
+    logs, losses = np.log([x for x, _ in xs]), [y for _, y in xs]
+    inside = logs[0] - 1e-9 <= math.log(flops) <= logs[-1] + 1e-9
+    return float(np.interp(math.log(flops), logs, losses)) if inside else float("nan")
+
+
+def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[str]:
+    """One row per (budget, variant)."""
+    lines = [
+        f"| steps | tokens | variant | seeds | FLOPs | val loss | val ppl | Δ loss vs {baseline} (± SE) | "
+        f"vs {baseline} | Δ loss at equal FLOPs | CPU h (with trunk share) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for steps in sorted({s for budgets in data.values() for s in budgets}):
+        for variant, budgets in data.items():
+            rs = budgets.get(steps)
+            if not rs:
+                continue
+            loss, ppl = _stats([r["eval_loss"] for r in rs]), _stats([r["eval_ppl"] for r in rs])
+            flops = statistics.fmean(r["flops"] for r in rs)
+            cells = ["—", "—", "—"]
+            if variant != baseline and steps in data.get(baseline, {}):
+                diff, se, word = verdict([r["eval_loss"] for r in rs], [r["eval_loss"] for r in data[baseline][steps]])
+                equal = loss[0] - at_flops(data[baseline], flops)  # nan beyond the baseline's FLOPs
+                cells = [f"{diff:+.3f} ± {se:.3f}", word, "—" if math.isnan(equal) else f"{equal:+.3f}"]
+            cpu_h = statistics.fmean(r["cpu_total_s"] for r in rs) / 3600
+            lines.append(
+                f"| {steps} | {rs[0]['tokens']:,} | {variant} | {len(rs)} | {flops:.3g} | {_cell(loss, 3)} "
+                f"| {_cell(ppl, 1)} | " + " | ".join(cells) + f" | {cpu_h:.2f} |"
+            )
+    return lines
+
+
+def crossover_lines(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[str]:
+    """Where each variant overtakes the baseline at equal tokens: the smallest budget from which it stays ahead."""
+    lines = []
+    base = data.get(baseline, {})
+    for variant, budgets in data.items():
+        if variant == baseline:
+            continue
+        shared = sorted(s for s in budgets if s in base)
+        words = {s: verdict([r["eval_loss"] for r in budgets[s]], [r["eval_loss"] for r in base[s]])[2] for s in shared}
+        ahead = [s for i, s in enumerate(shared) if all(words[t] == "ahead" for t in shared[i:])]
+        tokens = {s: budgets[s][0]["tokens"] for s in shared}
+        if ahead:
+            text = f"ahead from {tokens[ahead[0]]:,} tokens ({ahead[0]} steps) on"
+        elif shared:
+            text = "never ahead: " + ", ".join(f"{tokens[s]:,} tokens {words[s]}" for s in shared)
+        else:
+            text = f"no budget shared with {baseline} yet"
+        lines.append(f"- **{variant}**: {text}.")
+    return lines
+
+
+def pair_lines(data: dict[str, dict[int, list[dict]]], pairs: list[list[str]]) -> list[str]:
+    """Seed-by-seed differences of each pair at its largest shared budget."""
+    lines = []
+    for a, b in pairs:
+        shared = sorted(set(data.get(a, {})) & set(data.get(b, {})))
+        if not shared:
+            lines.append(f"- {a} vs {b}: no budget finished for both yet.")
+            continue
+        steps = shared[-1]
+        la = {r["seed"]: r["eval_loss"] for r in data[a][steps]}
+        lb = {r["seed"]: r["eval_loss"] for r in data[b][steps]}
+        seeds = sorted(set(la) & set(lb))
+        diffs = [la[s] - lb[s] for s in seeds]
+        each = ", ".join(f"seed {s}: {la[s]:.3f} − {lb[s]:.3f} = {d:+.3f}" for s, d in zip(seeds, diffs, strict=True))
+        mean, std, n = _stats(diffs) if diffs else (float("nan"), 0.0, 0)
+        summary = f"mean {mean:+.3f} ± {std:.3f} (sample std)"
+        lines.append(f"- **{a} − {b}** at {steps} steps, paired by seed ({n}): {each}; {summary}.")
+    return lines
+
+
+def plot(data: dict[str, dict[int, list[dict]]], path: Path) -> None:
+    """Val loss (mean ± sample std over seeds) against tokens and against FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, budgets in data.items():
+        steps = sorted(budgets)
+        y = [_stats([r["eval_loss"] for r in budgets[s]]) for s in steps]
+        for ax, key in zip(axes, ("tokens", "flops"), strict=True):
+            x = [statistics.fmean(r[key] for r in budgets[s]) for s in steps]
+            ax.errorbar(x, [m for m, _, _ in y], yerr=[e for _, e, _ in y], marker="o", capsize=3, label=variant)
+    for ax, label in zip(axes, ("training tokens", "training FLOPs"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val loss (mean ± sample std over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(
+    sweep: Sweep, rows: list[dict], out_dir: Path, baseline: str | None = None,
+    pairs: list[list[str]] | None = None, analyze: list[str] | None = None,
+) -> str:  # fmt: skip
+    """The crossover tables, where each variant overtakes the baseline, paired comparisons and the plot."""
+    baseline = baseline or sweep.runs[0].variant
+    data = points(sweep, rows)
+    lines = [
+        "## Budget crossover",
+        "",
+        f"Every variant against **{baseline}** at each budget: mean ± sample std over seeds; Δ is the",
+        "difference of the means with its standard error √(s²/n + s²/n), 'ahead' or 'behind' when it",
+        f"exceeds {Z:g} standard errors. 'Δ loss at equal FLOPs' compares with {baseline}'s loss",
+        "interpolated (linear in log FLOPs) at the variant's FLOPs ('—' beyond its budgets). CPU hours",
+        "include a branch's share of its trunk's (steps up to the branch point).",
+        "",
+        *budget_table(data, baseline),
+        "",
+        f"Where each variant overtakes {baseline} (ahead at that budget and at every larger one):",
+        "",
+        *crossover_lines(data, baseline),
+        "",
+    ]
+    if pairs:
+        lines += ["### Paired comparisons at the largest shared budget", "", *pair_lines(data, pairs), ""]
+    if analyze:
+        from megamoe.sweep.reports.lory_domains import domain_section
+
+        lines += domain_section(sweep, data, analyze)
+    lines.append("")
+    plot(data, out_dir / PLOT)
+    return "\n".join([*lines, f"![val loss against tokens and FLOPs]({PLOT})", ""])

@@ -1,0 +1,90 @@
+"""Lory's per-domain routing weights for the crossover report (the Lory paper's specialization view).
+
+For each named variant it takes the lowest-seed run at the largest budget, runs `megamoe analyze` on
+it once (kept in <run>/analysis/), and reports per layer the domain specialization: the token-weighted
+mean over domains of the Jensen–Shannon divergence (nats) between the domain's average routing weights
+and the average over all domains (0: every domain routed alike; ln 2 is the most two distributions can
+differ). The report links each run's heatmaps of the layer `megamoe analyze` studies in detail.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from megamoe.sweep.spec import Sweep
+
+
+def js_divergence(p_GE: np.ndarray, q_E: np.ndarray) -> np.ndarray:
+    """Jensen–Shannon divergence (nats) of each row of p_GE from q_E."""
+    m_GE = (p_GE + q_E) / 2
+
+    def kl(a_GE: np.ndarray) -> np.ndarray:
+        safe_GE = a_GE > 0  # 0 · log 0 = 0; where a > 0, m ≥ a/2 > 0
+        return np.where(safe_GE, a_GE * np.log(np.where(safe_GE, a_GE, 1) / np.where(safe_GE, m_GE, 1)), 0).sum(1)
+
+    return (kl(p_GE) + kl(np.broadcast_to(q_E, p_GE.shape))) / 2
+
+
+def domain_specialization(weight_TE: np.ndarray, domain_T: np.ndarray) -> float:
+    """Token-weighted mean JS divergence of each domain's mean routing weights from the overall mean."""
+    keys_G, index_T = np.unique(domain_T, return_inverse=True)
+    tokens_G = np.bincount(index_T, minlength=len(keys_G)).astype(np.float64)
+    sums_GE = np.zeros((len(keys_G), weight_TE.shape[1]))
+    np.add.at(sums_GE, index_T, weight_TE.astype(np.float64))
+    mean_GE = sums_GE / sums_GE.sum(1, keepdims=True)
+    overall_E = sums_GE.sum(0) / sums_GE.sum()
+    return float((js_divergence(mean_GE, overall_E) * tokens_G).sum() / tokens_G.sum())
+
+
+def analysed(run_dir, step: int):
+    """The run's routing recording at step, running `megamoe analyze` first when it is missing."""
+    from megamoe.analysis.record import Recording
+
+    path = run_dir / "analysis" / f"routing_step_{step}.npz"
+    if not (path.is_file() and (run_dir / "analysis" / "report.md").is_file()):
+        cmd = [sys.executable, "-m", "megamoe", "analyze", str(run_dir), "--max-sequences", "64"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            from megamoe.errors import MegamoeError
+
+            raise MegamoeError(f"crossover report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return Recording.load(path)
+
+
+def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variants: list[str]) -> list[str]:
+    """Markdown: domain specialization per layer of each variant, and links to its heatmaps."""
+    from megamoe.analysis.report import default_layer
+
+    runs = {run.name: run for run in sweep.runs}
+    lines = ["### Lory: routing weight by domain", ""]
+    table, images = [], []
+    for variant in variants:
+        budgets = data.get(variant)
+        if not budgets:
+            lines.append(f"- {variant}: no finished run yet.")
+            continue
+        steps = max(budgets)
+        row = min(budgets[steps], key=lambda r: r["seed"])
+        run = runs[row["run"]]
+        rec = analysed(run.run_dir, steps)
+        per_layer = {layer: domain_specialization(p["weight_TE"], rec.domain_T) for layer, p in rec.layers.items()}
+        table.append((variant, run.name, per_layer))
+        layer = default_layer(rec)
+        images.append(f"![{variant}: layer {layer}]({run.name}/analysis/lory_domain_L{layer}.png)")
+    if table:
+        layers = list(table[0][2])
+        lines += [
+            "Domain specialization: the token-weighted mean Jensen–Shannon divergence (nats) between each",
+            "domain's mean routing weights and the mean over all domains, on 64 validation sequences.",
+            "",
+            "| variant | run | " + " | ".join(f"layer {i}" for i in layers) + " |",
+            "|---|---|" + "---|" * len(layers),
+            *(f"| {v} | {name} | " + " | ".join(f"{d[i]:.3g}" for i in layers) + " |" for v, name, d in table),
+            "",
+            *images,
+            "",
+        ]
+    return lines

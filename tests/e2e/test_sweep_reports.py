@@ -1,0 +1,91 @@
+"""Study reports end to end: a tiny budget sweep of dense, top-2 and Lory, collected with its reports."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import pytest
+import yaml
+
+from megamoe.train.export import load_run_model
+from megamoe.train.metrics import read_metrics
+from tests.e2e.test_sweep_budgets import overrides
+from tests.e2e.test_train import cli
+
+TOP2 = ["moe.routing=topk", "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=0", "moe.eval_capacity_factor=0"]
+LORY = ["moe.routing=lory", "moe.num_experts=4", "moe.segment_length=8", "moe.dense_warmup_fraction=0"]
+REPORTS = [
+    "balance",
+    {"crossover": {"baseline": "dense", "pairs": [["lory", "top2"]], "analyze": ["lory"]}},
+]
+
+
+@pytest.fixture(scope="module")
+def collected(data_cache, tiny_data, tmp_path_factory):
+    """The sweep [6, 10] steps × {dense, top2, lory} × seeds {1, 2}, trained and collected."""
+    root = tmp_path_factory.mktemp("reports")
+    spec = {"name": "x", "out": str(root), "overrides": overrides(data_cache), "budgets": [6, 10], "seeds": [1, 2],
+            "variants": {"dense": [], "top2": TOP2, "lory": LORY}, "reports": REPORTS}  # fmt: skip
+    path = root / "x.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    for args in ((), ("--collect",)):
+        res = cli("sweep", str(path), *args, cwd=root)
+        assert res.returncode == 0, res.stderr + res.stdout
+    return root / "x"
+
+
+def final_loss(run_dir) -> float:
+    """The run's final validation loss, from its own metrics."""
+    return [r for r in read_metrics(run_dir) if "eval/loss" in r][-1]["eval/loss"]
+
+
+def row(report: str, steps: int, variant: str) -> list[str]:
+    """The cells of the crossover table's row for (steps, variant)."""
+    (line,) = [x for x in report.splitlines() if re.match(rf"\| {steps} \| [\d,]+ \| {variant} \|", x)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_results_md_has_both_reports(collected):
+    page = (collected / "results.md").read_text()
+    assert "## Load balance over training" in page and "## Budget crossover" in page
+    assert (collected / "crossover.png").stat().st_size > 0 and (collected / "balance_load_cv.png").stat().st_size > 0
+    assert page.endswith((collected / "report_crossover.md").read_text())
+
+
+def test_crossover_difference_is_the_runs_own_losses(collected):
+    report = (collected / "report_crossover.md").read_text()
+    for steps in (6, 10):
+        moe = [final_loss(collected / f"lory-seed{s}-steps{steps}") for s in (1, 2)]
+        dense = [final_loss(collected / f"dense-seed{s}-steps{steps}") for s in (1, 2)]
+        cells = row(report, steps, "lory")
+        assert cells[3] == "2"
+        assert cells[5] == f"{statistics.fmean(moe):.3f} ± {statistics.stdev(moe):.3f}"
+        diff, se = (float(x) for x in cells[7].split(" ± "))
+        assert diff == pytest.approx(statistics.fmean(moe) - statistics.fmean(dense), abs=1e-3)
+        assert se == pytest.approx((statistics.variance(moe) / 2 + statistics.variance(dense) / 2) ** 0.5, abs=1e-3)
+    assert re.search(r"- \*\*top2\*\*: (ahead from|never ahead)", report)
+
+
+def test_dense_flops_count_every_matmul_weight(collected):
+    """FLOPs = tokens · (6 · the trained model's 2-D weights other than the input embedding + 12 · L · d · s)."""
+    run_dir = collected / "dense-seed1-steps10"
+    model, _ = load_run_model(run_dir)
+    cfg = model.cfg
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed."))
+    tokens = json.loads((run_dir / "summary.json").read_text())["tokens"]
+    expected = tokens * (6 * weights + 12 * cfg.num_layers * cfg.d_model * cfg.seq_len)
+    assert float(row((collected / "report_crossover.md").read_text(), 10, "dense")[4]) == pytest.approx(
+        expected, rel=2e-3
+    )
+
+
+def test_pairs_balance_and_lory_domains(collected):
+    report = (collected / "report_crossover.md").read_text()
+    la, lb = final_loss(collected / "lory-seed2-steps10"), final_loss(collected / "top2-seed2-steps10")
+    assert f"seed 2: {la:.3f} − {lb:.3f} = {la - lb:+.3f}" in report
+    assert "| lory | lory-seed1-steps10 |" in report
+    assert (collected / "lory-seed1-steps10" / "analysis" / "lory_domain_L1.png").is_file()
+    balance = (collected / "report_balance.md").read_text()
+    assert re.search(r"\| top2-steps10 \| 2 \|", balance) and "| dense" not in balance

@@ -1,0 +1,76 @@
+"""The sweep study reports' arithmetic: verdicts, FLOPs interpolation, crossovers, pairs, domain specialization."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from megamoe.sweep.reports.crossover import at_flops, crossover_lines, pair_lines, verdict
+from megamoe.sweep.reports.lory_domains import domain_specialization, js_divergence
+
+
+def point(seed: int, loss: float, tokens: int, flops: float) -> dict:
+    """One finished run's row as the crossover report sees it."""
+    return {"run": f"r{seed}", "seed": seed, "eval_loss": loss, "tokens": tokens, "flops": flops}
+
+
+def test_verdict_needs_two_standard_errors():
+    # means 1.0 and 2.0; sample stds √0.02 over 2 seeds: SE = √(0.02/2 + 0.02/2) = √0.02; Δ = −1 → ahead
+    diff, se, word = verdict([0.9, 1.1], [1.9, 2.1])
+    assert diff == pytest.approx(-1.0) and se == pytest.approx(math.sqrt(0.02)) and word == "ahead"
+    assert verdict([1.9, 2.1], [0.9, 1.1])[2] == "behind"
+    # Δ = 0.15 with SE √0.02 ≈ 0.141: 1.06 SE, within noise
+    assert verdict([1.05, 1.25], [0.9, 1.1])[2] == "within noise"
+    assert verdict([1.0], [2.0, 2.1])[2] == "one seed"
+
+
+def test_at_flops_interpolates_in_log_flops_and_refuses_to_extrapolate():
+    base = {100: [point(1, 3.0, 100, 1e12)], 1000: [point(1, 2.0, 1000, 1e14)]}
+    assert at_flops(base, 1e13) == pytest.approx(2.5)  # halfway in log10: 12 → 14
+    assert at_flops(base, 1e14) == pytest.approx(2.0)
+    assert math.isnan(at_flops(base, 1e15)) and math.isnan(at_flops(base, 1e11))
+
+
+def test_crossover_is_the_smallest_budget_from_which_the_variant_stays_ahead():
+    def pts(losses: list[float], tokens: int) -> list[dict]:
+        return [point(s, loss, tokens, 1.0) for s, loss in enumerate(losses, 1)]
+
+    data = {
+        "dense": {1: pts([3.0, 3.02], 10), 2: pts([2.5, 2.52], 20), 3: pts([2.0, 2.02], 30)},
+        "moe": {1: pts([2.0, 2.02], 10), 2: pts([2.6, 2.62], 20), 3: pts([1.5, 1.52], 30)},  # ahead, behind, ahead
+        "flat": {1: pts([3.0, 3.02], 10), 3: pts([2.0, 2.02], 30)},
+    }
+    moe, flat = crossover_lines(data, "dense")
+    assert moe == "- **moe**: ahead from 30 tokens (3 steps) on."
+    assert flat == "- **flat**: never ahead: 10 tokens within noise, 30 tokens within noise."
+
+
+def test_pairs_subtract_seed_by_seed_at_the_largest_shared_budget():
+    data = {
+        "a": {1: [point(1, 9.0, 1, 1)], 5: [point(1, 2.0, 5, 1), point(2, 2.5, 5, 1)]},
+        "b": {1: [point(1, 0.0, 1, 1)], 5: [point(2, 2.0, 5, 1), point(1, 2.25, 5, 1)]},
+    }
+    (line,) = pair_lines(data, [["a", "b"]])
+    assert (
+        "at 5 steps" in line and "seed 1: 2.000 − 2.250 = -0.250" in line and "seed 2: 2.500 − 2.000 = +0.500" in line
+    )
+    assert "mean +0.125" in line
+
+
+def test_js_divergence_bounds():
+    q_E = np.array([0.5, 0.5, 0.0])
+    assert js_divergence(np.array([[0.5, 0.5, 0.0]]), q_E) == pytest.approx([0.0])
+    assert js_divergence(np.array([[0.0, 0.0, 1.0]]), q_E) == pytest.approx([math.log(2)])
+
+
+def test_domain_specialization_zero_when_alike_and_known_when_split():
+    rng = np.random.default_rng(0)
+    same_TE = np.tile(rng.dirichlet(np.ones(4)), (60, 1))
+    domain_T = np.repeat([0, 1, 2], 20)
+    assert domain_specialization(same_TE, domain_T) == pytest.approx(0.0, abs=1e-12)
+    # two equal-sized domains on disjoint experts: overall mean q = (½, ½), a domain p = (1, 0), m = (¾, ¼):
+    # JS = ½[KL(p‖m) + KL(q‖m)] = ½[ln 4/3 + ½ ln 2/3 + ½ ln 2] = ¾ ln 4/3
+    split_TE = np.repeat([[1.0, 0.0], [0.0, 1.0]], 10, axis=0)
+    assert domain_specialization(split_TE, np.repeat([0, 1], 10)) == pytest.approx(0.75 * math.log(4 / 3))
