@@ -6,6 +6,7 @@ corpus in a few minutes on 2 CPU cores. The data sections live in data_schema.py
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -124,6 +125,8 @@ class MoEConfig:
     """RMoE ablation: cut the gradient of the state passed between MoE layers (forward unchanged)."""
     gru_no_passing: bool = False
     """RMoE ablation: every MoE layer starts its GRU from the zero state."""
+    gru_bias_init: float = 0.0
+    """RMoE: start value of the shared GRU's bias_ih and bias_hh; 0 as released and Megatron, 1 = megamoe's old init."""
     capacity_factor: float = 0.0
     """Training capacity factor (token choice; 0 = dropless); for expert_choice, c = average experts per token."""
     eval_capacity_factor: float = 0.0
@@ -208,6 +211,7 @@ class MoEConfig:
         _positive(self, "num_experts", "top_k", "moe_every", "min_capacity")
         _non_negative(self, "num_shared_experts", "expert_hidden_size", "input_jitter_eps", "jitter_eps", "eval_top_k")
         _positive(self, "gru_hidden")
+        _check(math.isfinite(self.gru_bias_init), "gru_bias_init", f"must be a finite number, got {self.gru_bias_init}")
         _non_negative(self, "upcycle_noise")
         _non_negative(self, "capacity_factor", "eval_capacity_factor", "balance_loss_coef", "z_loss_coef")
         _check(
@@ -454,6 +458,8 @@ class LoggingConfig:
     """Also write TensorBoard scalars to <run_dir>/tensorboard (needs the tensorboard package)."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device for MFU; 0 = known GPU table, or a matmul measured at start on CPU."""
+    router_health: bool = False
+    """Log per-step router gradient norms and routing/GRU statistics to <run_dir>/router_health.jsonl (no TP/EP/PP)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
 
@@ -511,6 +517,22 @@ class Config:
             )
         if self.optim.decay_style == "wsd":
             self._validate_wsd()
+        if self.logging.router_health:
+            self._validate_router_health()
+
+    def _validate_router_health(self) -> None:
+        """Router health measures whole gradients: single-process or pure data parallel only."""
+        par = self.parallel
+        degrees = {
+            "tensor_parallel": par.tensor_parallel,
+            "expert_parallel": par.expert_parallel,
+            "expert_tensor_parallel": par.expert_tensor_parallel,
+            "pipeline_parallel": par.pipeline_parallel,
+        }
+        sharded = [f"parallel.{key}={value}" for key, value in degrees.items() if value > 1]
+        _check(not sharded, "logging.router_health",
+               f"its gradient norms need whole parameters on every rank (single process or pure data "
+               f"parallel), but {', '.join(sharded)} shards them; set those degrees to 1")  # fmt: skip
 
     def _validate_wsd(self) -> None:
         """WSD: at least one decayed update, and the warm-up over before the decay starts."""

@@ -98,7 +98,7 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers)
         )
         gru = self.moe_cfg.enabled and self.moe_cfg.scorer == "gru"
-        self.router_gru = GRUCell(self.moe_cfg.gru_hidden) if gru else None
+        self.router_gru = GRUCell(self.moe_cfg.gru_hidden, self.moe_cfg.gru_bias_init) if gru else None
         self.norm = self.factory.norm(cfg.d_model, cfg.norm_eps) if part.head else None
         self.lm_head = self.factory.lm_head(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings) if part.head else None
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
@@ -162,5 +162,5 @@ def build_model(
 ) -> Transformer:
     """A Transformer (or a pipeline rank's part of it) with every parameter initialized from (seed, parameter name)."""
     model = Transformer(cfg, factory, moe, part)
-    init_parameters(model, cfg, seed)
+    init_parameters(model, cfg, seed, model.moe_cfg.gru_bias_init)
     return model

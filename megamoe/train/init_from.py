@@ -48,7 +48,8 @@ def fresh_state(cfg: Config) -> dict[str, torch.Tensor]:
     """Every parameter's initial value at full (single-device) shape, as build_model draws it."""
     with torch.device("meta"):
         model = Transformer(cfg.model, moe=cfg.moe)
-    return {name: initial_value(name, p, cfg.model, cfg.train.seed) for name, p in model.named_parameters()}
+    seed, gru_bias = cfg.train.seed, cfg.moe.gru_bias_init
+    return {name: initial_value(name, p, cfg.model, seed, gru_bias) for name, p in model.named_parameters()}
 
 
 def target_state(source: dict[str, torch.Tensor], source_moe: bool, cfg: Config) -> dict[str, torch.Tensor]:

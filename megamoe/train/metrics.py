@@ -25,6 +25,9 @@ def _wandb_env(run_dir: Path) -> None:
 ROUTING_DOMAINS_FILE = "routing_domains.jsonl"
 """Lory runs: one record per evaluation, {"step": s, "L<i>": {domain: [average weight per expert]}}."""
 
+ROUTER_HEALTH_FILE = "router_health.jsonl"
+"""logging.router_health: one record per optimizer step (megamoe.train.router_probe)."""
+
 
 class MetricSinks:
     """Fan one dict of scalars out to every configured sink (only on the logging rank)."""
@@ -32,7 +35,7 @@ class MetricSinks:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, step: int):
         """step: where training (re)starts; records after it belong to work a crash lost and are dropped."""
         self.run_dir = run_dir
-        for name in ("metrics.jsonl", ROUTING_DOMAINS_FILE):
+        for name in ("metrics.jsonl", ROUTING_DOMAINS_FILE, ROUTER_HEALTH_FILE):
             _truncate_after(run_dir / name, step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
         self._wandb = self._init_wandb(cfg, run_dir, config, step > 0)
@@ -116,7 +119,7 @@ def _truncate_after(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of <run_dir>/metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: Path, filename: str = "metrics.jsonl") -> list[dict]:
+    """Every record of <run_dir>/metrics.jsonl (or another of the run's .jsonl files)."""
+    path = run_dir / filename
     return _records(path) if path.is_file() else []

@@ -36,7 +36,7 @@ from megamoe.train.evaluate import eval_indices, eval_metrics, eval_sums, rank_s
 from megamoe.train.expert_bias import bias_metrics, update_expert_biases
 from megamoe.train.flops import peak_tflops
 from megamoe.train.init_from import init_from
-from megamoe.train.metrics import ROUTING_DOMAINS_FILE, MetricSinks
+from megamoe.train.metrics import ROUTER_HEALTH_FILE, ROUTING_DOMAINS_FILE, MetricSinks
 from megamoe.train.moe_metrics import MoEMetrics
 from megamoe.train.optim import build_optimizer, lr_at
 from megamoe.train.pipeline_steps import (
@@ -47,6 +47,7 @@ from megamoe.train.pipeline_steps import (
     pipeline_step,
 )
 from megamoe.train.preempt import PreemptionFlag
+from megamoe.train.router_probe import RouterHealth
 from megamoe.train.run import RunSetup
 from megamoe.train.upcycle import upcycle, warmup_steps
 from megamoe.utils.fs import atomic_write_json
@@ -101,6 +102,9 @@ class Trainer:
         self.counts = meta_counts(self.cfg.model, moe=self.cfg.moe)
         self.flops_per_token = flops_per_token(self.cfg.model, self.counts, self.cfg.moe)
         self.peak, self.peak_source = peak_tflops(groups.device, self.cfg.logging.peak_tflops)
+        self.health = RouterHealth(self.model) if self.cfg.logging.router_health else None
+        self.health_record: dict[str, float] = {}
+        """logging.router_health: the last step's record (megamoe.train.router_probe)."""
 
     def _factory(self) -> LayerFactory:
         """Plain layers in a single process; otherwise this rank's parallel layers (TP, EP, ETP)."""
@@ -222,6 +226,8 @@ class Trainer:
         run = self._micro_steps if self.pipeline is None else functools.partial(pipeline_step, self)
         loss_sum = run(micro, moe)
         grad_norm = self.engine.step()
+        if self.health is not None:  # collective: every rank takes, the logging rank writes
+            self.health_record = self.health.take(self.groups.dp) | {"train/grad_norm": grad_norm}
         self.step += 1
         loss = mean_over(loss_sum / len(micro), dp).item()
         updates = self.updates
@@ -371,6 +377,8 @@ class Trainer:
         while self.step < cfg.train.max_steps:
             metrics = self.train_step()
             loss, window_steps = metrics["train/loss"], window_steps + 1
+            if sinks is not None and self.health is not None:
+                sinks.table(ROUTER_HEALTH_FILE, self.step, self.health_record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if self._due(cfg.logging.log_interval):

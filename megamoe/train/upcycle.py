@@ -63,7 +63,7 @@ def upcycle(model: nn.Module, engine, cfg: Config, updates: int) -> None:
             tensor.copy_(tensor[:1].clone().expand_as(tensor))
     named = dict(model.named_parameters())
     for name in routers:
-        fresh = initial_value(name, named[name], cfg.model, cfg.train.seed + UPCYCLE_SEED_OFFSET)
+        fresh = initial_value(name, named[name], cfg.model, cfg.train.seed + UPCYCLE_SEED_OFFSET, cfg.moe.gru_bias_init)
         params[name] = fresh.to(params[name])
         for key in OPTIM_KEYS:
             state[f"{name}.{key}"].zero_()

@@ -66,25 +66,6 @@ def test_precision_tiny():
     assert all(float(r[4].rstrip("×")) > 0 for r in rows)
 
 
-def test_router_health_records_every_step(data_cache, tiny_data, tmp_path):
-    """RMoE under the probe: one record per step with the router's gradient groups and GRU statistics;
-    --gru-bias-one starts the GRU at the update gate σ(2) = 0.88 that the zero-bias init avoids."""
-    from tests.util import TINY
-
-    rmoe = ["moe.routing=topk", "moe.scorer=gru", "moe.num_experts=4", "moe.top_k=2", "moe.gru_hidden=8"]
-    args = [*TINY, f"data.cache_dir={data_cache}", *rmoe, "train.max_steps=3"]
-    gates = {}
-    for flag in ([], ["--gru-bias-one"]):
-        out = tmp_path / f"health{len(flag)}.jsonl"
-        bench("bench.router_health", str(out), *flag, *args, f"train.run_dir={tmp_path / f'run{len(flag)}'}")
-        records = [json.loads(line) for line in out.read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2, 3]
-        expected = {"grad/router", "grad/proj", "grad/gru", "grad/all", "L1/h_sat", "L1/h_spread", "L1/entropy"}
-        assert expected <= set(records[0])
-        gates[len(flag)] = records[0]["L0/update_gate"]
-    assert abs(gates[0] - 0.5) < 0.05 and abs(gates[1] - 0.881) < 0.05, gates
-
-
 def test_prepare_throughput_tiny():
     """One process and sharded on 1 and 2 workers prepare the same tokens; every variant gets a rate."""
     record = json.loads(bench("bench.prepare_throughput", "--docs", "1200", "--words", "40", "--shard", "300"))

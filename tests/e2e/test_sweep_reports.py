@@ -19,6 +19,7 @@ LORY = ["moe.routing=lory", "moe.num_experts=4", "moe.segment_length=8", "moe.de
 REPORTS = [
     "balance",
     {"crossover": {"baseline": "dense", "pairs": [["lory", "top2"]], "analyze": ["lory"]}},
+    {"reeval": {"max_sequences": 4, "pairs": [["lory", "dense"]]}},
 ]
 
 
@@ -49,9 +50,10 @@ def row(report: str, steps: int, variant: str) -> list[str]:
 
 def test_results_md_has_both_reports(collected):
     page = (collected / "results.md").read_text()
-    assert "## Load balance over training" in page and "## Budget crossover" in page
+    assert "## Load balance over training" in page and "## Budget crossover" in page and "## Re-evaluation" in page
     assert (collected / "crossover.png").stat().st_size > 0 and (collected / "balance_load_cv.png").stat().st_size > 0
-    assert page.endswith((collected / "report_crossover.md").read_text())
+    sections = [(collected / f"report_{name}.md").read_text() for name in ("balance", "crossover", "reeval")]
+    assert page.endswith("\n" + "\n".join(sections))  # in the sweep file's order
 
 
 def test_crossover_difference_is_the_runs_own_losses(collected):
@@ -89,3 +91,16 @@ def test_pairs_balance_and_lory_domains(collected):
     assert (collected / "lory-seed1-steps10" / "analysis" / "lory_domain_L1.png").is_file()
     balance = (collected / "report_balance.md").read_text()
     assert re.search(r"\| top2-steps10 \| 2 \|", balance) and "| dense" not in balance
+
+
+def test_reeval_is_megamoe_eval_of_the_final_checkpoint(collected):
+    """On the trainer's own 4 val sequences (2 eval batches of 2), fp32 eval reproduces the logged loss."""
+    report = (collected / "report_reeval.md").read_text()
+    lory = [json.loads((collected / f"lory-seed{s}-steps6" / "eval" / "step_6.json").read_text()) for s in (1, 2)]
+    assert all(r["sequences"] == 4 for r in lory)
+    again = [r["domains"][0]["loss"] for r in lory]
+    logged = [final_loss(collected / f"lory-seed{s}-steps6") for s in (1, 2)]
+    assert again == pytest.approx(logged, abs=2e-4)  # both fp32 on the same sequences; eval rounds to 4 decimals
+    dense = json.loads((collected / "dense-seed2-steps6" / "eval" / "step_6.json").read_text())["domains"][0]["loss"]
+    assert "- **lory-steps6 − dense-steps6**, fp32 re-evaluation, paired by seed: seed 1: " in report
+    assert f"seed 2: {again[1] - dense:+.3f}." in report

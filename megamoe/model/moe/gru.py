@@ -21,12 +21,13 @@ from torch import nn
 class GRUCell(nn.Module):
     """A GRU cell of input and state width P."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, bias_init: float = 0.0):
+        """bias_init: moe.gru_bias_init (build_model's init_parameters sets the same value)."""
         super().__init__()
         self.weight_ih = nn.Parameter(torch.empty(3 * size, size))
         self.weight_hh = nn.Parameter(torch.empty(3 * size, size))
-        self.bias_ih = nn.Parameter(torch.zeros(3 * size))
-        self.bias_hh = nn.Parameter(torch.zeros(3 * size))
+        self.bias_ih = nn.Parameter(torch.full((3 * size,), bias_init))
+        self.bias_hh = nn.Parameter(torch.full((3 * size,), bias_init))
 
     def forward(self, x_TP: torch.Tensor, h_TP: torch.Tensor, param: Callable = lambda p: p) -> torch.Tensor:
         """The next state; `param` wraps each parameter (tensor parallelism sums its grad over the TP ranks)."""

@@ -13,6 +13,8 @@ from collections.abc import Callable
 REPORTS = {
     "balance": "megamoe.sweep.reports.balance",
     "crossover": "megamoe.sweep.reports.crossover",
+    "reeval": "megamoe.sweep.reports.reeval",
+    "router_health": "megamoe.sweep.reports.router_health",
 }
 """Report name → module holding its `report` function (imported only when used)."""
 
