@@ -10,6 +10,7 @@ import numpy as np
 from megamoe.analysis import drops, early, router_stats, specialization
 from megamoe.analysis.bias import bias_trajectories
 from megamoe.analysis.record import Recording
+from megamoe.utils.fs import atomic_write_text
 
 POSITION_BUCKETS = 16
 
@@ -81,7 +82,7 @@ class Report:
     def write(self) -> Path:
         """report.md."""
         path = self.out / "report.md"
-        path.write_text("\n".join(self.lines) + "\n")
+        atomic_write_text(path, "\n".join(self.lines) + "\n")  # its presence marks a finished analysis
         return path
 
 

@@ -52,6 +52,9 @@ def test_expansion_names_and_validation(tmp_path):
         ({"sweeps": 1}, r"sweeps: unknown sweep key"),
         ({"overrides": ["model.d_modle=3"]}, r"bad.yaml: base: model.d_modle.*did you mean 'model.d_model'"),
         ({"variants": {"a": "x"}}, r"variants.a: must be a list"),
+        ({"reports": ["crossover", "nope"]}, r"reports: expected a report name from \['analyze', 'balance'"),
+        ({"reports": "balance"}, r"reports: expected a list of report names"),
+        ({"reports": [{"crossover": {"base": "dense"}}]}, r"reports: crossover: unknown option 'base'; .*'baseline'"),
     ],
 )
 def test_bad_sweep_files(tmp_path, spec, match):

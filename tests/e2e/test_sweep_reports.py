@@ -20,6 +20,18 @@ REPORTS = [
     "balance",
     {"crossover": {"baseline": "dense", "pairs": [["lory", "top2"]], "analyze": ["lory"]}},
     {"reeval": {"max_sequences": 4, "pairs": [["lory", "dense"]]}},
+    {
+        "analyze": {
+            "runs": [
+                {"variant": "top2", "args": ["--min-count", "4", "--max-sequences", "8"]},
+                {
+                    "variant": "top2",
+                    "args": ["--eval-capacity-factor", "0.5", "--max-sequences", "8"],
+                    "out": "analysis_cf",
+                },
+            ]
+        }
+    },
 ]
 
 
@@ -52,7 +64,7 @@ def test_results_md_has_both_reports(collected):
     page = (collected / "results.md").read_text()
     assert "## Load balance over training" in page and "## Budget crossover" in page and "## Re-evaluation" in page
     assert (collected / "crossover.png").stat().st_size > 0 and (collected / "balance_load_cv.png").stat().st_size > 0
-    sections = [(collected / f"report_{name}.md").read_text() for name in ("balance", "crossover", "reeval")]
+    sections = [(collected / f"report_{name}.md").read_text() for name in ("balance", "crossover", "reeval", "analyze")]
     assert page.endswith("\n" + "\n".join(sections))  # in the sweep file's order
 
 
@@ -104,3 +116,16 @@ def test_reeval_is_megamoe_eval_of_the_final_checkpoint(collected):
     dense = json.loads((collected / "dense-seed2-steps6" / "eval" / "step_6.json").read_text())["domains"][0]["loss"]
     assert "- **lory-steps6 − dense-steps6**, fp32 re-evaluation, paired by seed: seed 1: " in report
     assert f"seed 2: {again[1] - dense:+.3f}." in report
+
+
+def test_analyses_are_inlined_with_links_into_the_run(collected):
+    page = (collected / "report_analyze.md").read_text()
+    run = collected / "top2-seed1-steps10"
+    assert "### top2-seed1-steps10: `megamoe analyze --min-count 4 --max-sequences 8`" in page
+    assert "### Routing report: " in page and "#### Context-independent specialization" in page
+    links = re.findall(r"\]\(([^)]+\.(?:png|csv))\)", page)
+    assert links and all((collected / link).is_file() for link in links)
+    assert any(link.startswith("top2-seed1-steps10/analysis_cf/") for link in links)
+    # the trained run is dropless; the override reached the second analysis: at factor 0.5 choices are dropped
+    assert "No token was dropped at evaluation" in (run / "analysis" / "report.md").read_text()
+    assert (run / "analysis_cf" / "drops_by_position.csv").is_file()

@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable
 
 REPORTS = {
+    "analyze": "megamoe.sweep.reports.analyses",
     "balance": "megamoe.sweep.reports.balance",
     "crossover": "megamoe.sweep.reports.crossover",
     "reeval": "megamoe.sweep.reports.reeval",
