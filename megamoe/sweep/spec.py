@@ -208,10 +208,6 @@ def load_sweep(path: Path) -> Sweep:
 
 def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:
     """The sweep's `reports`: each a report name, or {name: {option: value}}, checked against its function."""
-    import inspect
-
-    from megamoe.sweep.reports import report_function
-
     entries = spec.get("reports") or []
     if not isinstance(entries, list):
         raise _err(path, "reports", f"expected a list of report names from {sorted(REPORTS)}, got {entries!r}")
@@ -224,7 +220,7 @@ def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:
                 "reports",
                 f"expected a report name from {sorted(REPORTS)} or {{name: {{options}}}}, got {entry!r}",
             )
-        known = list(inspect.signature(report_function(name)).parameters)[3:]
+        known = list(REPORTS[name][1])
         if unknown := sorted(set(options) - set(known)):
             raise _err(path, "reports", f"{name}: unknown option {unknown[0]!r}; expected one of {known}")
         out.append((name, dict(options)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
 import pytest
 
+from megamoe.sweep.reports import REPORTS, report_function
 from megamoe.sweep.reports.crossover import at_flops, crossover_lines, pair_lines, verdict
 from megamoe.sweep.reports.lory_domains import domain_specialization, js_divergence
 
@@ -74,3 +76,10 @@ def test_domain_specialization_zero_when_alike_and_known_when_split():
     # JS = ½[KL(p‖m) + KL(q‖m)] = ½[ln 4/3 + ½ ln 2/3 + ½ ln 2] = ¾ ln 4/3
     split_TE = np.repeat([[1.0, 0.0], [0.0, 1.0]], 10, axis=0)
     assert domain_specialization(split_TE, np.repeat([0, 1], 10)) == pytest.approx(0.75 * math.log(4 / 3))
+
+
+def test_registry_options_are_the_report_functions_keywords():
+    """spec.py checks a sweep file's options against REPORTS without importing the report modules."""
+    for name, (_, options) in REPORTS.items():
+        params = list(inspect.signature(report_function(name)).parameters)
+        assert params[:3] == ["sweep", "rows", "out_dir"] and tuple(params[3:]) == options, name

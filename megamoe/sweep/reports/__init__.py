@@ -11,15 +11,15 @@ import importlib
 from collections.abc import Callable
 
 REPORTS = {
-    "analyze": "megamoe.sweep.reports.analyses",
-    "balance": "megamoe.sweep.reports.balance",
-    "crossover": "megamoe.sweep.reports.crossover",
-    "reeval": "megamoe.sweep.reports.reeval",
-    "router_health": "megamoe.sweep.reports.router_health",
+    "analyze": ("megamoe.sweep.reports.analyses", ("runs",)),
+    "balance": ("megamoe.sweep.reports.balance", ()),
+    "crossover": ("megamoe.sweep.reports.crossover", ("baseline", "pairs", "analyze")),
+    "reeval": ("megamoe.sweep.reports.reeval", ("max_sequences", "pairs")),
+    "router_health": ("megamoe.sweep.reports.router_health", ()),
 }
-"""Report name → module holding its `report` function (imported only when used)."""
+"""Report name → (module holding its `report` function, imported only when used; its options)."""
 
 
 def report_function(name: str) -> Callable:
     """The `report` function of a named report."""
-    return importlib.import_module(REPORTS[name]).report
+    return importlib.import_module(REPORTS[name][0]).report

@@ -34,7 +34,7 @@ def run_flops(run: Run) -> float:
 
 
 def points(sweep: Sweep, rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
-    """variant → steps → its finished runs' rows, each with `flops` and `cpu_total_s` added."""
+    """variant → steps → its finished runs' rows, with `flops`, `cpu_total_s` and `wall_total_s` added."""
     runs = {run.name: run for run in sweep.runs}
     by_name = {row["run"]: row for row in rows}
     flops: dict[str, float] = {}
@@ -43,8 +43,10 @@ def points(sweep: Sweep, rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
         run = runs[row["run"]]
         flops.setdefault(run.variant, run_flops(run))
         trunk = by_name.get(run.branch.trunk) if run.branch else None
-        share = (trunk["cpu_s"] or 0) * run.branch.step / trunk["step"] if trunk else 0.0
-        extra = {"flops": flops[run.variant] * row["tokens"], "cpu_total_s": (row["cpu_s"] or 0) + share}
+        part = run.branch.step / trunk["step"] if trunk else 0.0
+        extra = {"flops": flops[run.variant] * row["tokens"]}
+        for key in ("cpu_s", "wall_s"):
+            extra[key.replace("_s", "_total_s")] = (row[key] or 0) + ((trunk[key] or 0) * part if trunk else 0.0)
         out.setdefault(run.variant, {}).setdefault(row["step"], []).append({**row, **extra})
     return out
 
@@ -83,8 +85,8 @@ def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[
     """One row per (budget, variant)."""
     lines = [
         f"| steps | tokens | variant | seeds | FLOPs | val loss | val ppl | Δ loss vs {baseline} (± SE) | "
-        f"vs {baseline} | Δ loss at equal FLOPs | CPU h (with trunk share) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"vs {baseline} | Δ loss at equal FLOPs | CPU h | wall h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for steps in sorted({s for budgets in data.values() for s in budgets}):
         for variant, budgets in data.items():
@@ -98,10 +100,10 @@ def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[
                 diff, se, word = verdict([r["eval_loss"] for r in rs], [r["eval_loss"] for r in data[baseline][steps]])
                 equal = loss[0] - at_flops(data[baseline], flops)  # nan beyond the baseline's FLOPs
                 cells = [f"{diff:+.3f} ± {se:.3f}", word, "—" if math.isnan(equal) else f"{equal:+.3f}"]
-            cpu_h = statistics.fmean(r["cpu_total_s"] for r in rs) / 3600
+            hours = [statistics.fmean(r[k] for r in rs) / 3600 for k in ("cpu_total_s", "wall_total_s")]
             lines.append(
                 f"| {steps} | {rs[0]['tokens']:,} | {variant} | {len(rs)} | {flops:.3g} | {_cell(loss, 3)} "
-                f"| {_cell(ppl, 1)} | " + " | ".join(cells) + f" | {cpu_h:.2f} |"
+                f"| {_cell(ppl, 1)} | " + " | ".join(cells) + f" | {hours[0]:.2f} | {hours[1]:.2f} |"
             )
     return lines
 
@@ -184,8 +186,9 @@ def report(
         f"Every variant against **{baseline}** at each budget: mean ± sample std over seeds; Δ is the",
         "difference of the means with its standard error √(s²/n + s²/n), 'ahead' or 'behind' when it",
         f"exceeds {Z:g} standard errors. 'Δ loss at equal FLOPs' compares with {baseline}'s loss",
-        "interpolated (linear in log FLOPs) at the variant's FLOPs ('—' beyond its budgets). CPU hours",
-        "include a branch's share of its trunk's (steps up to the branch point).",
+        "interpolated (linear in log FLOPs) at the variant's FLOPs ('—' beyond its budgets). CPU and wall",
+        "hours are per run (mean over seeds), summed over its attempts, and a branch's include its trunk's",
+        "share up to the branch point; wall hours also count time a run waited on a shared or paused machine.",
         "",
         *budget_table(data, baseline),
         "",
