@@ -14,6 +14,7 @@ REPORTS = {
     "analyze": ("megamoe.sweep.reports.analyses", ("runs",)),
     "balance": ("megamoe.sweep.reports.balance", ()),
     "crossover": ("megamoe.sweep.reports.crossover", ("baseline", "pairs", "analyze")),
+    "group_a2a": ("megamoe.sweep.reports.group_a2a", ("ep", "sequences")),
     "reeval": ("megamoe.sweep.reports.reeval", ("max_sequences", "pairs")),
     "router_health": ("megamoe.sweep.reports.router_health", ()),
 }
