@@ -33,6 +33,8 @@ def test_at_flops_interpolates_in_log_flops_and_refuses_to_extrapolate():
     assert at_flops(base, 1e13) == pytest.approx(2.5)  # halfway in log10: 12 → 14
     assert at_flops(base, 1e14) == pytest.approx(2.0)
     assert math.isnan(at_flops(base, 1e15)) and math.isnan(at_flops(base, 1e11))
+    assert at_flops(base, 1.005e14) == pytest.approx(2.0)  # a router's extra FLOPs: within FLOPS_SLACK (1%)
+    assert math.isnan(at_flops(base, 1.02e14))
 
 
 def test_crossover_is_the_smallest_budget_from_which_the_variant_stays_ahead():
@@ -44,9 +46,15 @@ def test_crossover_is_the_smallest_budget_from_which_the_variant_stays_ahead():
         "moe": {1: pts([2.0, 2.02], 10), 2: pts([2.6, 2.62], 20), 3: pts([1.5, 1.52], 30)},  # ahead, behind, ahead
         "flat": {1: pts([3.0, 3.02], 10), 3: pts([2.0, 2.02], 30)},
     }
-    moe, flat = crossover_lines(data, "dense")
-    assert moe == "- **moe**: ahead from 30 tokens (3 steps) on."
-    assert flat == "- **flat**: never ahead: 10 tokens within noise, 30 tokens within noise."
+    data["single"] = {3: [point(1, 1.0, 30, 1.0)]}
+    moe, flat, single = crossover_lines(data, "dense")
+    assert moe == (
+        "- **moe**: ahead from 30 tokens (3 steps) on; 10 tokens -1.000 (ahead), 20 tokens +0.100 (behind), "
+        "30 tokens -0.500 (ahead)."
+    )
+    noise = "10 tokens +0.000 (within noise), 30 tokens +0.000 (within noise)"
+    assert flat == f"- **flat**: not ahead through the largest budget; {noise}."
+    assert single == "- **single**: no verdict while a budget has one seed; 30 tokens -1.010 (one seed)."
 
 
 def test_pairs_subtract_seed_by_seed_at_the_largest_shared_budget():

@@ -22,6 +22,8 @@ from megamoe.sweep.spec import Run, Sweep
 PLOT = "crossover.png"
 Z = 2.0
 """Standard errors a difference must exceed to count as ahead or behind."""
+FLOPS_SLACK = 0.01
+"""at_flops: relative FLOPs beyond the baseline's budgets still read as its end budget."""
 
 
 def run_flops(run: Run) -> float:
@@ -72,12 +74,17 @@ def verdict(a: list[float], b: list[float]) -> tuple[float, float, str]:
 
 
 def at_flops(base: dict[int, list[dict]], flops: float) -> float:
-    """The baseline's mean loss at these FLOPs: linear in log FLOPs between its budgets (nan outside them)."""
+    """The baseline's mean loss at these FLOPs: linear in log FLOPs between its budgets (nan outside them).
+
+    FLOPs within FLOPS_SLACK of the baseline's first or last budget take that budget's loss: equal active
+    compute still differs by a router's few FLOPs, which would otherwise leave the largest budget blank.
+    """
     xs = sorted(
         (statistics.fmean(r["flops"] for r in rs), statistics.fmean(r["eval_loss"] for r in rs)) for rs in base.values()
     )
     logs, losses = np.log([x for x, _ in xs]), [y for _, y in xs]
-    inside = logs[0] - 1e-9 <= math.log(flops) <= logs[-1] + 1e-9
+    slack = math.log1p(FLOPS_SLACK)
+    inside = logs[0] - slack <= math.log(flops) <= logs[-1] + slack
     return float(np.interp(math.log(flops), logs, losses)) if inside else float("nan")
 
 
@@ -99,7 +106,8 @@ def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[
             if variant != baseline and steps in data.get(baseline, {}):
                 diff, se, word = verdict([r["eval_loss"] for r in rs], [r["eval_loss"] for r in data[baseline][steps]])
                 equal = loss[0] - at_flops(data[baseline], flops)  # nan beyond the baseline's FLOPs
-                cells = [f"{diff:+.3f} ± {se:.3f}", word, "—" if math.isnan(equal) else f"{equal:+.3f}"]
+                delta = f"{diff:+.3f}" if math.isnan(se) else f"{diff:+.3f} ± {se:.3f}"
+                cells = [delta, word, "—" if math.isnan(equal) else f"{equal:+.3f}"]
             hours = [statistics.fmean(r[k] for r in rs) / 3600 for k in ("cpu_total_s", "wall_total_s")]
             lines.append(
                 f"| {steps} | {rs[0]['tokens']:,} | {variant} | {len(rs)} | {flops:.3g} | {_cell(loss, 3)} "
@@ -116,13 +124,15 @@ def crossover_lines(data: dict[str, dict[int, list[dict]]], baseline: str) -> li
         if variant == baseline:
             continue
         shared = sorted(s for s in budgets if s in base)
-        words = {s: verdict([r["eval_loss"] for r in budgets[s]], [r["eval_loss"] for r in base[s]])[2] for s in shared}
-        ahead = [s for i, s in enumerate(shared) if all(words[t] == "ahead" for t in shared[i:])]
-        tokens = {s: budgets[s][0]["tokens"] for s in shared}
+        found = {s: verdict([r["eval_loss"] for r in budgets[s]], [r["eval_loss"] for r in base[s]]) for s in shared}
+        ahead = [s for i, s in enumerate(shared) if all(found[t][2] == "ahead" for t in shared[i:])]
+        each = ", ".join(f"{budgets[s][0]['tokens']:,} tokens {found[s][0]:+.3f} ({found[s][2]})" for s in shared)
         if ahead:
-            text = f"ahead from {tokens[ahead[0]]:,} tokens ({ahead[0]} steps) on"
+            text = f"ahead from {budgets[ahead[0]][0]['tokens']:,} tokens ({ahead[0]} steps) on; {each}"
+        elif any(found[s][2] == "one seed" for s in shared):
+            text = f"no verdict while a budget has one seed; {each}"
         elif shared:
-            text = "never ahead: " + ", ".join(f"{tokens[s]:,} tokens {words[s]}" for s in shared)
+            text = f"not ahead through the largest budget; {each}"
         else:
             text = f"no budget shared with {baseline} yet"
         lines.append(f"- **{variant}**: {text}.")
