@@ -79,7 +79,8 @@ def test_crossover_difference_is_the_runs_own_losses(collected):
         diff, se = (float(x) for x in cells[7].split(" ± "))
         assert diff == pytest.approx(statistics.fmean(moe) - statistics.fmean(dense), abs=1e-3)
         assert se == pytest.approx((statistics.variance(moe) / 2 + statistics.variance(dense) / 2) ** 0.5, abs=1e-3)
-    assert re.search(r"- \*\*top2\*\*: (ahead from|never ahead)", report)
+    line = re.search(r"- \*\*top2\*\*: (ahead from|not ahead through the largest budget);.*", report)
+    assert line and f"1,280 tokens {row(report, 10, 'top2')[7].split(' ± ')[0]} (" in line.group(0)
 
 
 def test_dense_flops_count_every_matmul_weight(collected):
