@@ -99,7 +99,7 @@ def _final_eval(summary: dict, records: list[dict]) -> dict | None:
     return logged[-1] if logged else None
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     """'mean ± std' (sample std; '±' omitted for one seed)."""
     mean = statistics.fmean(values)
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
@@ -114,15 +114,15 @@ def group_table(rows: list[dict]) -> list[dict]:
     for name, members in groups.items():
         out.append({
             "variant": name, "seeds": len(members), "steps": members[0]["step"], "tokens": members[0]["tokens"],
-            "val loss": _mean_std([m["eval_loss"] for m in members]),
-            "val ppl": _mean_std([m["eval_ppl"] for m in members]),
+            "val loss": mean_std([m["eval_loss"] for m in members]),
+            "val ppl": mean_std([m["eval_ppl"] for m in members]),
             "tokens/s (median)": f"{statistics.fmean(m['tokens_per_s'] for m in members):,.0f}",
         })  # fmt: skip
     columns = _lm_eval_keys(rows)
     for row, members in zip(out, groups.values()):
         for key in columns:
             values = [m[key] for m in members if key in m]
-            row[key.removeprefix("lm_eval/")] = _mean_std(values) if values else "-"
+            row[key.removeprefix("lm_eval/")] = mean_std(values) if values else "-"
     return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import yaml
 
 from megamoe.analysis.record import record_routing
 from megamoe.data import prepare_data
@@ -16,7 +15,7 @@ from megamoe.train.export import load_run_model
 from megamoe.train.metrics import read_metrics
 from megamoe.train.run import load_run_config
 from tests.e2e.test_sweep_budgets import overrides
-from tests.e2e.test_train import cli
+from tests.e2e.test_sweep_reports import sweep_and_collect
 
 EXPERTS, TOP_K, EP = 8, 2, [1, 2, 4, 8]
 TOP2 = ["moe.routing=topk", f"moe.num_experts={EXPERTS}", f"moe.top_k={TOP_K}", "moe.capacity_factor=0",
@@ -31,12 +30,7 @@ def collected(data_cache, tiny_data, tmp_path_factory):
     spec = {"name": "g", "out": str(root), "overrides": [*overrides(data_cache), "train.eval_batches=6"],
             "variants": {"dense": [], "top2": TOP2},
             "reports": [{"group_a2a": {"ep": EP, "sequences": SEQUENCES}}]}  # fmt: skip
-    path = root / "g.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    for args in ((), ("--collect",)):
-        res = cli("sweep", str(path), *args, cwd=root)
-        assert res.returncode == 0, res.stderr + res.stdout
-    return root / "g"
+    return sweep_and_collect(root, spec)
 
 
 def table(report: str) -> dict[tuple[int, str], tuple[float, float, float]]:

@@ -41,12 +41,17 @@ def collected(data_cache, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     spec = {"name": "x", "out": str(root), "overrides": overrides(data_cache), "budgets": [6, 10], "seeds": [1, 2],
             "variants": {"dense": [], "top2": TOP2, "lory": LORY}, "reports": REPORTS}  # fmt: skip
-    path = root / "x.yaml"
+    return sweep_and_collect(root, spec)
+
+
+def sweep_and_collect(root, spec: dict):
+    """Write spec as <root>/<name>.yaml, run `megamoe sweep` on it and then `--collect`; its output folder."""
+    path = root / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     for args in ((), ("--collect",)):
         res = cli("sweep", str(path), *args, cwd=root)
         assert res.returncode == 0, res.stderr + res.stdout
-    return root / "x"
+    return root / spec["name"]
 
 
 def final_loss(run_dir) -> float:

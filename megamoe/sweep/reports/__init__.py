@@ -8,6 +8,8 @@ markdown section, which collect writes to `report_<NAME>.md` and appends to resu
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from collections.abc import Callable
 
 REPORTS = {
@@ -24,3 +26,13 @@ REPORTS = {
 def report_function(name: str) -> Callable:
     """The `report` function of a named report."""
     return importlib.import_module(REPORTS[name][0]).report
+
+
+def run_megamoe(report: str, *args: str) -> None:
+    """Run `python -m megamoe ARGS` for a report; its failure is a MegamoeError naming the report and command."""
+    cmd = [sys.executable, "-m", "megamoe", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        from megamoe.errors import MegamoeError
+
+        raise MegamoeError(f"{report} report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -10,23 +10,17 @@ sweep folder.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+from megamoe.sweep.reports import run_megamoe
 from megamoe.sweep.spec import Sweep
 
 
-def analyse(run_dir: Path, step: int, args: list[str], out: str) -> Path:
+def analyse(run_dir: Path, step: int, args: list[str], out: str, report: str = "analyze") -> Path:
     """<run_dir>/<out>/report.md, running `megamoe analyze` when it or the step's recording is missing."""
     folder = run_dir / out
     if not ((folder / "report.md").is_file() and (folder / f"routing_step_{step}.npz").is_file()):
-        cmd = [sys.executable, "-m", "megamoe", "analyze", str(run_dir), "--out", str(folder), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            from megamoe.errors import MegamoeError
-
-            raise MegamoeError(f"analyze report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        run_megamoe(report, "analyze", str(run_dir), "--out", str(folder), *args)
     return folder / "report.md"
 
 

@@ -9,11 +9,9 @@ differ). The report links each run's heatmaps of the layer `megamoe analyze` stu
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 
+from megamoe.sweep.reports.analyses import analyse
 from megamoe.sweep.spec import Sweep
 
 
@@ -40,18 +38,11 @@ def domain_specialization(weight_TE: np.ndarray, domain_T: np.ndarray) -> float:
 
 
 def analysed(run_dir, step: int):
-    """The run's routing recording at step, running `megamoe analyze` first when it is missing."""
+    """The run's routing recording at step, from `megamoe analyze` on 64 sequences (run once, into analysis/)."""
     from megamoe.analysis.record import Recording
 
-    path = run_dir / "analysis" / f"routing_step_{step}.npz"
-    if not (path.is_file() and (run_dir / "analysis" / "report.md").is_file()):
-        cmd = [sys.executable, "-m", "megamoe", "analyze", str(run_dir), "--max-sequences", "64"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            from megamoe.errors import MegamoeError
-
-            raise MegamoeError(f"crossover report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return Recording.load(path)
+    analyse(run_dir, step, ["--max-sequences", "64"], "analysis", report="crossover")
+    return Recording.load(run_dir / "analysis" / f"routing_step_{step}.npz")
 
 
 def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variants: list[str]) -> list[str]:

@@ -11,11 +11,10 @@ Options: max_sequences (default 256); pairs: [[a, b], ...] variants compared see
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from megamoe.sweep.collect import mean_std
+from megamoe.sweep.reports import run_megamoe
 from megamoe.sweep.spec import Sweep
 
 
@@ -23,20 +22,14 @@ def reevaluated(run_dir: Path, step: int, max_sequences: int) -> float:
     """The fp32 validation loss of the run's checkpoint at step, running `megamoe eval` when not yet recorded."""
     path = run_dir / "eval" / f"step_{step}.json"
     if not path.is_file() or json.loads(path.read_text())["sequences"] != max_sequences:
-        cmd = [sys.executable, "-m", "megamoe", "eval", str(run_dir), "--max-sequences", str(max_sequences)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            from megamoe.errors import MegamoeError
-
-            raise MegamoeError(f"reeval report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        run_megamoe("reeval", "eval", str(run_dir), "--max-sequences", str(max_sequences))
     record = json.loads(path.read_text())
     return next(d["loss"] for d in record["domains"] if d["domain"] == "all")
 
 
-def _cell(values: list[float]) -> str:
-    """'mean ± sample std' (the mean alone for one seed)."""
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+def _pair_cells(seeds: dict[int, tuple[float, float]]) -> str:
+    """'training loss | re-evaluated loss' cells, each mean ± sample std over seeds."""
+    return f"{mean_std([a for a, _ in seeds.values()])} | {mean_std([b for _, b in seeds.values()])}"
 
 
 def report(sweep: Sweep, rows: list[dict], out_dir: Path, max_sequences: int = 256, pairs: list | None = None) -> str:
@@ -60,10 +53,7 @@ def report(sweep: Sweep, rows: list[dict], out_dir: Path, max_sequences: int = 2
         "",
         "| variant | seeds | val loss during training | val loss, fp32 re-evaluation |",
         "|---|---|---|---|",
-        *(
-            f"| {names[k]} | {len(s)} | {_cell([a for a, _ in s.values()])} | {_cell([b for _, b in s.values()])} |"
-            for k, s in losses.items()
-        ),
+        *(f"| {names[k]} | {len(s)} | {_pair_cells(s)} |" for k, s in losses.items()),
         "",
     ]
     for a, b in pairs or []:
