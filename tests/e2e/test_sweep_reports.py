@@ -96,9 +96,8 @@ def test_dense_flops_count_every_matmul_weight(collected):
     weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed."))
     tokens = json.loads((run_dir / "summary.json").read_text())["tokens"]
     expected = tokens * (6 * weights + 12 * cfg.num_layers * cfg.d_model * cfg.seq_len)
-    assert float(row((collected / "report_crossover.md").read_text(), 10, "dense")[4]) == pytest.approx(
-        expected, rel=2e-3
-    )
+    # the table prints FLOPs to 3 significant digits: compare the printed text, exactly
+    assert row((collected / "report_crossover.md").read_text(), 10, "dense")[4] == f"{expected:.3g}"
 
 
 def test_pairs_balance_and_lory_domains(collected):

@@ -8,9 +8,11 @@ markdown section, which collect writes to `report_<NAME>.md` and appends to resu
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 REPORTS = {
     "analyze": ("megamoe.sweep.reports.analyses", ("runs",)),
@@ -36,3 +38,13 @@ def run_megamoe(report: str, *args: str) -> None:
         from megamoe.errors import MegamoeError
 
         raise MegamoeError(f"{report} report: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
+
+def save_png(fig, path: Path) -> None:
+    """Save a matplotlib figure to path atomically (a killed collect leaves the old plot), then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)

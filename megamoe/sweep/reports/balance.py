@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from megamoe.sweep.collect import group_of, run_records
+from megamoe.sweep.reports import save_png
 from megamoe.sweep.spec import Run, Sweep
 
 COLUMNS = ("ppl", "load_max_h1", "load_max_h2", "load_cv_h1", "load_cv_h2")
@@ -95,5 +96,4 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
     ax.set_ylabel("load CV (mean over layers and seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megamoe.sweep.reports import save_png
 from megamoe.sweep.spec import Run, Sweep
 
 PLOT = "crossover.png"
@@ -179,8 +180,7 @@ def plot(data: dict[str, dict[int, list[dict]]], path: Path) -> None:
         ax.set_ylabel("val loss (mean ± sample std over seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def report(
