@@ -71,13 +71,40 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
     return sig * (1 + g * (1 - sig))
 
 
-def _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, acc: torch.dtype):
-    """Expert weights laid out for the forward bmm's (x @ W, no transposes): (E, D, 2F) gate|up, (E, F, D) down."""
+TRANSPOSE_MIN_SEGMENTS_PER_EXPERT = 16
+"""Forward: experts transposed once per call (token bmm's x·W̄ with plain operands) when there are at least this
+many segments per expert, else merged in their own layout (x·W̄ᵀ). A transposed operand costs each segment's bmm a
+repacking; a transpose costs E matrices once. CPU, 2 threads, E = 8, D 256, F 704: +0.17 ms per bmm at T = 64,
++0.05 at T = 256, against ~1 ms per transposed matrix; the forward at T = 256 (4 segments per expert) is 8% faster in
+the own layout, at T = 64 (16 per expert) 1–2% slower (docs/kernels.md)."""
+
+
+def forward_transposed(segments: int, experts: int) -> bool:
+    """The forward's default expert layout: transposed from TRANSPOSE_MIN_SEGMENTS_PER_EXPERT segments per expert."""
+    return segments >= TRANSPOSE_MIN_SEGMENTS_PER_EXPERT * experts
+
+
+def _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, acc: torch.dtype, transpose: bool):
+    """Expert weights for the forward merges: (E, D, 2F) gate|up and (E, F, D) down when transposed, else as given."""
+    if not transpose:
+        return w_gate_EFD.to(acc), w_up_EFD.to(acc), w_down_EDF.to(acc)
     experts, hidden, dim = w_gate_EFD.shape
     gu_ED2F = w_gate_EFD.new_empty(experts, dim, 2 * hidden, dtype=acc)
     gu_ED2F[..., :hidden].copy_(w_gate_EFD.transpose(1, 2))
     gu_ED2F[..., hidden:].copy_(w_up_EFD.transpose(1, 2))
-    return gu_ED2F, w_down_EDF.transpose(1, 2).to(acc, memory_format=torch.contiguous_format)
+    down_EFD = w_down_EDF.new_empty(experts, hidden, dim, dtype=acc)
+    return gu_ED2F, down_EFD.copy_(w_down_EDF.transpose(1, 2))
+
+
+def _merged_forward(w_CE, weights, buffers):
+    """A chunk's merged gate, up and down as right operands of x·W̄ (views of the buffers)."""
+    gu_buf, down_buf = buffers
+    if len(weights) == 2:  # transposed experts: buffers (C, D, 2F) and (C, F, D)
+        gate_CDF, up_CDF = _merge(w_CE, weights[0], gu_buf).chunk(2, -1)
+        return gate_CDF, up_CDF, _merge(w_CE, weights[1], down_buf)
+    hidden = weights[0].shape[1]  # own layout: buffers (C, 2F, D) and (C, D, F)
+    gate_CFD, up_CFD = _merge(w_CE, weights[0], gu_buf[:, :hidden]), _merge(w_CE, weights[1], gu_buf[:, hidden:])
+    return gate_CFD.transpose(1, 2), up_CFD.transpose(1, 2), _merge(w_CE, weights[2], down_buf).transpose(1, 2)
 
 
 def _gate_grad(dh_u: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -91,25 +118,26 @@ class MergedSwiGLU(torch.autograd.Function):
     """The merged SwiGLU of every segment; backward re-merges instead of storing merged weights."""
 
     @staticmethod
-    def forward(ctx, x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, dtype, chunk_segments):
+    def forward(ctx, x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, dtype, chunk_segments, transpose):
         segments, seg_len, dim = x_STD.shape
         hidden = w_gate_EFD.shape[1]
         merged_bytes = 3 * w_gate_EFD[0].numel() * torch.finfo(dtype).bits // 8
         chunks = _chunks(segments, merged_bytes, chunk_segments, x_STD.device.type)
-        gu_ED2F, down_EFD = _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, _acc(w_gate_EFD))
+        transpose = forward_transposed(segments, w_gate_EFD.shape[0]) if transpose is None else transpose
+        weights = _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, _acc(w_gate_EFD), transpose)
         size = chunks[0].stop
-        gu_CD2F = x_STD.new_empty(size, dim, 2 * hidden, dtype=dtype)
-        down_CFD = x_STD.new_empty(size, hidden, dim, dtype=dtype)
+        gu_shape, down_shape = ((dim, 2 * hidden), (hidden, dim)) if transpose else ((2 * hidden, dim), (dim, hidden))
+        buffers = x_STD.new_empty(size, *gu_shape, dtype=dtype), x_STD.new_empty(size, *down_shape, dtype=dtype)
         h_CTF = x_STD.new_empty(size, seg_len, hidden, dtype=dtype)
         g_STF, u_STF = (x_STD.new_empty(segments, seg_len, hidden, dtype=dtype) for _ in range(2))
         y_STD = x_STD.new_empty(x_STD.shape, dtype=dtype)
         for c in chunks:
             n = c.stop - c.start
             x_CTD, w_CE = x_STD[c].to(dtype), w_SE[c]
-            gate_CDF, up_CDF = _merge(w_CE, gu_ED2F, gu_CD2F[:n]).split(hidden, -1)
+            gate_CDF, up_CDF, down_CFD = _merged_forward(w_CE, weights, [b[:n] for b in buffers])
             g_CTF, u_CTF = torch.bmm(x_CTD, gate_CDF, out=g_STF[c]), torch.bmm(x_CTD, up_CDF, out=u_STF[c])
             torch.ops.aten.silu.out(g_CTF, out=h_CTF[:n]).mul_(u_CTF)
-            torch.bmm(h_CTF[:n], _merge(w_CE, down_EFD, down_CFD[:n]), out=y_STD[c])
+            torch.bmm(h_CTF[:n], down_CFD, out=y_STD[c])
         ctx.save_for_backward(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, g_STF, u_STF)
         ctx.dtype, ctx.chunks = dtype, chunks
         return y_STD
@@ -119,7 +147,7 @@ class MergedSwiGLU(torch.autograd.Function):
         x_STD, w_SE, *weights, g_STF, u_STF = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         grads = _backward(x_STD, w_SE, weights, (g_STF, u_STF), dy_STD, ctx.dtype, ctx.chunks, need_dx, need_dw)
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 def _backward(x_STD, w_SE, weights, gu_STF, dy_STD, dtype, chunks, need_dx: bool, need_dw: bool):
@@ -188,13 +216,15 @@ def _inner(p_CK: torch.Tensor, w_EK: torch.Tensor) -> torch.Tensor:
 
 
 def merged_swiglu_reference(
-    x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, chunk_segments: int | None = None
+    x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, chunk_segments: int | None = None, transpose: bool | None = None
 ) -> torch.Tensor:
-    """The reference path (CPU and GPU), in the autocast dtype when autocast is on, else x's dtype."""
+    """The reference path (CPU and GPU), in the autocast dtype when autocast is on, else x's dtype.
+
+    transpose: the forward's expert layout (None: by TRANSPOSE_MIN_SEGMENTS_PER_EXPERT); both give the same values."""
     device = x_STD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_STD.dtype
     with torch.autocast(device, enabled=False):
-        return MergedSwiGLU.apply(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, dtype, chunk_segments)
+        return MergedSwiGLU.apply(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, dtype, chunk_segments, transpose)
 
 
 def resolve_merge_impl(impl: str, device: torch.device) -> str:

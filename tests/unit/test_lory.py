@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,7 +15,7 @@ from megamoe.model.layers import SwiGLU
 from megamoe.model.moe import MoELayerOutput
 from megamoe.model.moe.lory import LoryFFN
 from megamoe.model.params import count_parameters, flops_per_token
-from megamoe.ops.lory import merged_swiglu_reference
+from megamoe.ops.lory import TRANSPOSE_MIN_SEGMENTS_PER_EXPERT, forward_transposed, merged_swiglu_reference
 from megamoe.ops.reference import merged_swiglu_loop
 from megamoe.train.moe_metrics import MoEMetrics
 
@@ -120,26 +122,38 @@ def merge_args(segments: int = 5):
     return [a.requires_grad_() for a in args]
 
 
+@pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_reference_merge_equals_the_loop(chunk):
-    """The chunked merge + bmm path (merge recomputed in backward) equals the per-segment loop, outputs and grads."""
+def test_reference_merge_equals_the_loop(chunk, transpose):
+    """The chunked merge + bmm path (merge recomputed in backward) equals the per-segment loop, outputs and grads,
+    with the forward's experts in either layout."""
     args = merge_args()
-    fast, slow = merged_swiglu_reference(*args, chunk_segments=chunk), merged_swiglu_loop(*args)
+    fast, slow = merged_swiglu_reference(*args, chunk_segments=chunk, transpose=transpose), merged_swiglu_loop(*args)
     torch.testing.assert_close(fast, slow)
     cot = torch.randn_like(fast)
     for g_fast, g_slow in zip(torch.autograd.grad(fast, args, cot), torch.autograd.grad(slow, args, cot)):
         torch.testing.assert_close(g_fast, g_slow)
 
 
-def test_reference_merge_gradcheck():
-    assert torch.autograd.gradcheck(lambda *a: merged_swiglu_reference(*a, chunk_segments=2), merge_args(3))
+@pytest.mark.parametrize("transpose", [False, True])
+def test_reference_merge_gradcheck(transpose):
+    merged = functools.partial(merged_swiglu_reference, chunk_segments=2, transpose=transpose)
+    assert torch.autograd.gradcheck(merged, merge_args(3))
 
 
-def test_reference_merge_under_bf16_autocast():
+def test_forward_layout_follows_segments_per_expert():
+    """The default layout: experts transposed from TRANSPOSE_MIN_SEGMENTS_PER_EXPERT segments per expert on."""
+    least = TRANSPOSE_MIN_SEGMENTS_PER_EXPERT
+    assert [forward_transposed(s, 8) for s in (8 * least - 1, 8 * least)] == [False, True]
+    assert forward_transposed(128, 8) and not forward_transposed(32, 8)  # the bench's T = 64 and T = 256
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_reference_merge_under_bf16_autocast(transpose):
     """Matmuls in bf16 (the output too), merge and weight gradients accumulated in fp32, close to fp32."""
     args = [a.detach().float().requires_grad_() for a in merge_args()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = merged_swiglu_reference(*args)
+        low = merged_swiglu_reference(*args, transpose=transpose)
     assert low.dtype == torch.bfloat16
     grads = torch.autograd.grad(low.float().sum(), args)
     assert [g.dtype for g in grads] == [torch.float32] * 5
