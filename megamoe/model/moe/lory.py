@@ -137,7 +137,8 @@ class LoryFFN(nn.Module):
         length, batch, dim = x_LbD.shape
         seg = min(self.cfg.segment_length, length)
         n = -(-length // seg)
-        x_NTbD = (x_LbD if n * seg == length else F.pad(x_LbD, (0, 0, 0, 0, 0, n * seg - length))).view(n, seg, batch, dim)
+        padded_LbD = x_LbD if n * seg == length else F.pad(x_LbD, (0, 0, 0, 0, 0, n * seg - length))  # pad copies
+        x_NTbD = padded_LbD.view(n, seg, batch, dim)
         counts_N = segment_counts(length, seg, x_LbD.device)
         weights_NbE = self.route(x_NTbD.sum(1) / counts_N[:, None, None].to(x_LbD.dtype), state)
         y_STD = self.merged(x_NTbD.permute(0, 2, 1, 3).reshape(n * batch, seg, dim), weights_NbE.reshape(n * batch, -1))
