@@ -140,7 +140,7 @@ def markdown(table: list[dict]) -> str:
 
 
 def curves(sweep: Sweep, path: Path) -> None:
-    """Mean eval loss and smoothed train loss against tokens, one line per group."""
+    """Mean eval loss and smoothed train loss against tokens, one line per group (runs with both logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,6 +154,8 @@ def curves(sweep: Sweep, path: Path) -> None:
         tokens_per_step = run.cfg.train.global_batch_size * run.cfg.model.seq_len
         train = [(r["step"] * tokens_per_step, r["train/loss"]) for r in records if "train/loss" in r]
         evals = [(r["step"] * tokens_per_step, r["eval/loss"]) for r in records if "eval/loss" in r]
+        if not (train and evals):  # a run that has just started: nothing to draw yet
+            continue
         series.setdefault(_group(run), []).append((*zip(*train, strict=True), *zip(*evals, strict=True)))
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in series.items():

@@ -96,6 +96,20 @@ def test_local_sweep_skips_resumes_and_collects(data_cache, tiny_data, tmp_path)
     table = (tmp_path / "s" / "results.md").read_text()
     assert "| dense | 2 |" in table and " ± " in table
     assert (tmp_path / "s" / "curves.png").stat().st_size > 0
+    collect_beside_runs_in_progress(path, spec, tmp_path)
+
+
+def collect_beside_runs_in_progress(path, spec, tmp_path):
+    """--collect while seed 3 has logged train steps but no evaluation yet and seed 4 has just made its log."""
+    write_sweep(path, **{**spec, "seeds": [1, 2, 3, 4]})
+    logged = (tmp_path / "s" / "dense-seed1" / "metrics.jsonl").read_text().splitlines()
+    for seed, lines in ((3, [line for line in logged if "train/loss" in line and "eval/loss" not in line]), (4, [])):
+        assert seed == 4 or lines
+        (tmp_path / "s" / f"dense-seed{seed}").mkdir()
+        (tmp_path / "s" / f"dense-seed{seed}" / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    res = cli("sweep", str(path), "--collect", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2 of 4 runs not finished" in (tmp_path / "s" / "results.md").read_text()
 
 
 def test_slurm_dry_run_prints_a_valid_array_job(tmp_path):
