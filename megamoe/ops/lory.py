@@ -87,7 +87,7 @@ def forward_transposed(segments: int, experts: int) -> bool:
 def _forward_weights(w_gate_EFD, w_up_EFD, w_down_EDF, acc: torch.dtype, transpose: bool):
     """Expert weights for the forward merges: (E, D, 2F) gate|up and (E, F, D) down when transposed, else as given."""
     if not transpose:
-        return w_gate_EFD.to(acc), w_up_EFD.to(acc), w_down_EDF.to(acc)
+        return tuple(w.to(acc).contiguous() for w in (w_gate_EFD, w_up_EFD, w_down_EDF))  # no per-chunk flatten copy
     experts, hidden, dim = w_gate_EFD.shape
     gu_ED2F = w_gate_EFD.new_empty(experts, dim, 2 * hidden, dtype=acc)
     gu_ED2F[..., :hidden].copy_(w_gate_EFD.transpose(1, 2))
@@ -165,7 +165,7 @@ def _backward(x_STD, w_SE, weights, gu_STF, dy_STD, dtype, chunks, need_dx: bool
     dx_STD = x_STD.new_empty(x_STD.shape, dtype=dtype) if need_dx else None
     dw_SE = w_SE.new_empty(w_SE.shape, dtype=acc) if need_dw else None
     grads = [torch.empty(w.shape, dtype=acc, device=w.device) for w in weights]
-    w_acc = [w.to(acc) for w in weights]
+    w_acc = [w.to(acc).contiguous() for w in weights]  # flattened by every chunk's merge: one copy at most
     for c in chunks:
         n = c.stop - c.start
         x_CTD, w_CE, dy_CTD = x_STD[c].to(dtype), w_SE[c], dy_STD[c].to(dtype)
