@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from tests.util import TINY
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -71,3 +75,14 @@ def test_prepare_throughput_tiny():
     record = json.loads(bench("bench.prepare_throughput", "--docs", "1200", "--words", "40", "--shard", "300"))
     assert record["tokens"] > 0 and record["shard_overhead"] > 0
     assert all(record[v]["tokens_per_s"] > 0 for v in ("one_process", "sharded_w1", "sharded_w2"))
+
+
+def test_sweep_parallel_tiny(data_cache, tiny_data, tmp_path):
+    """A tiny sweep's variant trains alone on every core, then as 2 runs side by side, and gets a rate each."""
+    overrides = [*TINY, f"data.cache_dir={data_cache}", "optim.warmup_steps=1", "logging.log_interval=1"]
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "tiny", "overrides": overrides, "variants": {"dense": []}}))
+    rows = table_rows(bench("bench.sweep_parallel", "--sweep", str(sweep), "--variants", "dense", "--steps", "3"))
+    cores = os.cpu_count() or 1
+    assert [r[:2] for r in rows] == [["dense", f"1 × {cores} threads"], ["dense", f"2 × {max(1, cores // 2)} threads"]]
+    assert all(float(r[3]) > 0 and float(r[4].replace(",", "")) > 0 for r in rows)
