@@ -2,7 +2,7 @@
 
 Usage: python -m bench.sweep_parallel [--sweep configs/sweeps/crossover.yaml] [--variants dense lory_random]
                                       [--steps 150] [--parallel 2]
-Each variant of the sweep file trains `--steps` steps with the sweep's overrides (no evaluation or checkpoint
+Each variant of the sweep file trains `--steps` steps with its first run's arguments (no evaluation or checkpoint
 before the end), first alone with OMP_NUM_THREADS = all cores, then as `--parallel` runs (seeds 1..N) at once
 with cores / N threads each, as `megamoe sweep --parallel N` starts them. Per mode: the wall time from the first
 start to the last exit (start-up and the final evaluation included) and the steps per second it amounts to, and
@@ -25,36 +25,38 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from megamoe.sweep.spec import Sweep, load_sweep
 
-UNTIMED = ["train.eval_interval=1000000", "train.checkpoint_interval=1000000", "logging.progress=false"]
-
-
+UNTIMED = ["train.eval_interval=1000000", "train.checkpoint_interval=1000000", "train.checkpoint_steps=[]"]
 MEGAMOE = [sys.executable, "-m", "megamoe"]
 
 
-def overrides(spec: dict, variant: str) -> list[str]:
-    """The sweep's overrides for one variant."""
-    return [*spec.get("overrides", []), *spec["variants"][variant]]
+def variant_args(sweep: Sweep, variant: str) -> list[str]:
+    """`megamoe train` arguments of the variant's first run in the sweep (its trunk in a budget sweep)."""
+    runs = [r for r in sweep.runs if r.variant == variant and r.branch is None]
+    if not runs:
+        raise SystemExit(
+            f"--variants: no variant {variant!r} in the sweep (it has {sorted({r.variant for r in sweep.runs})})"
+        )
+    return runs[0].args
 
 
-def train_cmd(spec: dict, variant: str, steps: int, seed: int, run_dir: Path) -> list[str]:
-    """`megamoe train` for one run of the sweep's variant."""
-    overrides_ = [*overrides(spec, variant), *UNTIMED]
+def train_cmd(args: list[str], steps: int, seed: int, run_dir: Path) -> list[str]:
+    """`megamoe train` for `steps` steps of a run with these arguments, as seed `seed`, into run_dir."""
     extra = [f"train.max_steps={steps}", f"train.seed={seed}", f"train.run_dir={run_dir}", f"train.name={run_dir.name}"]
-    return [*MEGAMOE, "train", *overrides_, *extra]
+    return [*MEGAMOE, "train", *args, *UNTIMED, *extra]
 
 
-def run_together(cmds: list[list[str]], threads: int, logs: Path) -> float:
+def run_together(cmds: list[list[str]], logs: list[Path], threads: int) -> float:
     """Wall seconds from starting every command to the last one's exit (each at `threads` threads)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with contextlib.ExitStack() as stack:
-        outs = [stack.enter_context(open(logs / f"{c[-1].split('=', 1)[1]}.log", "w")) for c in cmds]
+        outs = [stack.enter_context(open(log, "w")) for log in logs]
         start = time.perf_counter()
         procs = [subprocess.Popen(c, env=env, stdout=o, stderr=subprocess.STDOUT) for c, o in zip(cmds, outs)]
-        for proc, cmd in zip(procs, cmds):
+        for proc, log in zip(procs, logs):
             if proc.wait():
-                raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; log in {logs}")
+                raise SystemExit(f"a run failed ({proc.returncode}); its log: {log}")
     return time.perf_counter() - start
 
 
@@ -65,12 +67,13 @@ def median_tokens_per_s(run_dir: Path) -> float:
     return statistics.median(rates)
 
 
-def measure(spec: dict, variant: str, steps: int, parallel: int, work: Path) -> list[str]:
+def measure(args: list[str], variant: str, steps: int, parallel: int, work: Path) -> list[str]:
     """Table rows for one variant: alone on all cores, then `parallel` side by side."""
     cores, rows = os.cpu_count() or 1, []
     for n, threads in ((1, cores), (parallel, max(1, cores // parallel))):
         dirs = [work / f"{variant}-{n}x{threads}-seed{s}" for s in range(1, n + 1)]
-        wall = run_together([train_cmd(spec, variant, steps, s, d) for s, d in enumerate(dirs, 1)], threads, work)
+        cmds = [train_cmd(args, steps, s, d) for s, d in enumerate(dirs, 1)]
+        wall = run_together(cmds, [d.with_suffix(".log") for d in dirs], threads)
         rate = sum(median_tokens_per_s(d) for d in dirs)
         rows.append(f"| {variant} | {n} × {threads} threads | {wall:.0f} s | {n * steps / wall:.2f} | {rate:,.0f} |")
     return rows
@@ -84,13 +87,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args()
-    spec = yaml.safe_load(Path(args.sweep).read_text())
+    sweep = load_sweep(Path(args.sweep))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.sweep}, {args.steps} steps a run\n")
     print("| variant | runs × threads | wall | steps/s (all runs) | tokens/s (sum of medians) |\n|---|---|---|---|---|")
     work = Path(tempfile.mkdtemp(prefix="sweep_parallel_"))  # kept (with the runs' logs) if a run fails
     for variant in args.variants:
-        subprocess.run([*MEGAMOE, "data", "prepare", *overrides(spec, variant)], check=True, capture_output=True)
-        for row in measure(spec, variant, args.steps, args.parallel, work):
+        train_args = variant_args(sweep, variant)
+        subprocess.run([*MEGAMOE, "data", "prepare", *train_args], check=True, capture_output=True)
+        for row in measure(train_args, variant, args.steps, args.parallel, work):
             print(row, flush=True)
     shutil.rmtree(work)
 
