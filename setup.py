@@ -36,7 +36,14 @@ setup(
         # Hugging Face interop (export, import-hf) and downstream evaluation (megamoe eval --tasks)
         "hf": ["transformers>=5.20"],
         "eval": ["transformers>=5.20", "lm_eval>=0.4.9"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "ninja>=1.11", "tensorboard>=2.15"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "ninja>=1.11",
+            "tensorboard>=2.15",
+        ],
     },
     entry_points={"console_scripts": ["megamoe=megamoe.cli.main:main"]},
 )

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported when the command runs: `megamoe data …` and `--help` do not pay for it
+    import torch
 
 DEFAULT_SHAPES = [(8, 256, 1024, 2816), (16, 256, 1024, 2816), (32, 256, 1024, 2816)]
 """Lory 0.3B's layer (D 1024, F 2816, T 256) at 8, 16 and 32 experts: the kernels' target shapes (docs/kernels.md)."""
@@ -103,6 +105,8 @@ def _report(per_rank: list[list]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks on this process (and across torchrun's ranks); rank 0 prints the report."""
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return _report([_local_checks(args, device, str(device))])

@@ -88,7 +88,7 @@ def test_sweep_collect_reports_router_health(data_cache, tiny_data, tmp_path):
     }  # fmt: skip
     path = tmp_path / "h.yaml"
     path.write_text(yaml.safe_dump(spec))
-    for args in ((), ("--collect",)):
+    for args in (("--parallel", "2"), ("--collect",)):
         res = cli("sweep", str(path), *args, cwd=tmp_path)
         assert res.returncode == 0, res.stderr + res.stdout
     rows = table((tmp_path / "h" / "results.md").read_text())
