@@ -65,3 +65,13 @@ def test_no_backward_imports():
 def test_every_package_has_a_level():
     packages = {p.name for p in (ROOT / "megamoe").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages <= set(LEVEL), f"add a layer level for {packages - set(LEVEL)}"
+
+
+def test_cli_parser_does_not_import_torch():
+    """Building `megamoe`'s parser (every command's start) leaves torch unimported: `megamoe data …` never needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys; from megamoe.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:] + res.stdout
