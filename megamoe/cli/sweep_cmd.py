@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """List, run, submit or collect."""
     from megamoe.errors import MegamoeError
+    from megamoe.sweep.archive import export_finished, restore
     from megamoe.sweep.collect import collect
     from megamoe.sweep.runner import describe, run_local, sbatch_script, submit
     from megamoe.sweep.spec import load_sweep
@@ -37,10 +38,14 @@ def run(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         raise MegamoeError("--parallel must be >= 1")
     sweep = load_sweep(args.sweep)
+    if not args.dry_run and (restored := restore(sweep)):
+        print(f"restored {len(restored)} finished runs from the archive {sweep.archive}")
     if args.collect:
         root, table = collect(sweep)
         print(table, end="")
         print(f"\nwritten to {root}/results.csv, results.md and curves.png")
+        if sweep.archive is not None:
+            print(f"{export_finished(sweep)} finished jobs archived in {sweep.archive}")
         return 0
     if args.slurm:
         script, jobs_text = sbatch_script(sweep, args.parallel, args.gpus, args.time)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamoe.errors import MegamoeError
+from megamoe.sweep.archive import archived, export_job_of
 from megamoe.sweep.attempts import attempts_file, reap, record, stop_with_parent
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
@@ -35,6 +36,12 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
 def status(run: Run) -> str:
     """done, resume or new."""
     return run_state(run.run_dir, run.cfg.train.max_steps)
+
+
+def listed_status(sweep: Sweep, run: Run) -> str:
+    """status, or 'archive' for a run not done here that the sweep's archive holds finished (restored on a run)."""
+    state = status(run)
+    return "archive" if state != "done" and archived(sweep, run) else state
 
 
 def train_command(run: Run, state: str | None = None) -> list[str]:
@@ -52,7 +59,7 @@ def describe(sweep: Sweep) -> list[list[tuple[Run, str]]]:
         lines = []
         for run in job:
             role = f"  (branch of {run.branch.trunk} at step {run.branch.step})" if run.branch else keeps
-            lines.append((run, f"{status(run):6s} {run.name}  {run.run_dir}{role}"))
+            lines.append((run, f"{listed_status(sweep, run):7s} {run.name}  {run.run_dir}{role}"))
         out.append(lines)
     return out
 
@@ -75,7 +82,7 @@ class _Local:
     """The processes of a local sweep: launch, reap and record them, one job's runs after another."""
 
     def __init__(self, sweep: Sweep, parallel: int, echo):
-        self.logs, self.echo = sweep.root / "logs", echo
+        self.sweep, self.logs, self.echo = sweep, sweep.root / "logs", echo
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
         self.results: dict[str, int] = {}
 
@@ -159,6 +166,8 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
                 active.remove(attempt)
                 if (following := local.next_of(attempt.rest)) is not None:
                     active.append(following)
+                elif export_job_of(sweep, attempt.run):
+                    echo(f"  archived the job of {attempt.run.name} in {sweep.archive}")
         time.sleep(0.5)
     return local.results
 

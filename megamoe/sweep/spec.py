@@ -13,6 +13,7 @@ A sweep YAML holds:
   seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
   budgets: [500, 1000, 2000]   # optional: train.max_steps of each run; WSD cooldown branches (budgets.py)
   reports: [balance, {crossover: {baseline: dense}}]   # optional: study reports --collect adds (reports/)
+  archive: ../../docs/runs/study   # optional: finished jobs' records, checkpoints left out (archive.py)
 Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
 component; no seed suffix without `seeds`; `-steps<S>` appended with `budgets`), and every run's
 config is built and validated when the sweep is read.
@@ -32,7 +33,7 @@ from megamoe.errors import ConfigError
 from megamoe.sweep.budgets import budget_problem, parse_budgets
 from megamoe.sweep.reports import REPORTS
 
-SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets", "reports"}
+SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets", "reports", "archive"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Sweep:
     runs: tuple[Run, ...]
     reports: tuple[tuple[str, dict], ...] = ()
     """Study reports --collect adds, with their options (megamoe/sweep/reports/)."""
+    archive: Path | None = None
+    """Where finished jobs' records are kept without their checkpoints (archive.py); None: nowhere."""
 
     @property
     def jobs(self) -> list[tuple[Run, ...]]:
@@ -203,7 +206,11 @@ def load_sweep(path: Path) -> Sweep:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise _err(path, "variants", "two runs would share a name; give variants distinct names")
-    return Sweep(name, path, root, tuple(runs), _reports(path, spec))
+    archive = spec.get("archive")
+    if archive is not None and not (isinstance(archive, str) and archive):
+        raise _err(path, "archive", f"must be a folder path (relative to the sweep file), got {archive!r}")
+    archive_dir = Path(_resolve(path, archive)) if archive else None
+    return Sweep(name, path, root, tuple(runs), _reports(path, spec), archive_dir)
 
 
 def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:

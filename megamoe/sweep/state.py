@@ -9,12 +9,12 @@ checkpoint under that name. It then resumes from it like any interrupted run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from megamoe.errors import CheckpointError
+from megamoe.sweep.archive import is_done
 from megamoe.sweep.spec import Branch
 from megamoe.train.checkpoint import latest_checkpoint, problem, step_dir
 from megamoe.utils.fs import atomic_dir, remove_dead_temps
@@ -22,8 +22,7 @@ from megamoe.utils.fs import atomic_dir, remove_dead_temps
 
 def run_state(run_dir: Path, max_steps: int) -> str:
     """done, resume or new."""
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("step", -1) >= max_steps:
+    if is_done(run_dir, max_steps):
         return "done"
     return "resume" if latest_checkpoint(run_dir) is not None else "new"
 

@@ -33,6 +33,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_copy_file(src: Path, dst: Path) -> None:
+    """Copy src to dst via a temp file + fsync + rename (and fsync dst's folder)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        fsync_path(tmp)
+        os.replace(tmp, dst)
+        fsync_path(dst.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path: Path, obj: object) -> None:
     """Write obj as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 
 import pytest
@@ -40,7 +41,8 @@ def collected(data_cache, tiny_data, tmp_path_factory):
     """The sweep [6, 10] steps × {dense, top2, lory} × seeds {1, 2}, trained and collected."""
     root = tmp_path_factory.mktemp("reports")
     spec = {"name": "x", "out": str(root), "overrides": overrides(data_cache), "budgets": [6, 10], "seeds": [1, 2],
-            "variants": {"dense": [], "top2": TOP2, "lory": LORY}, "reports": REPORTS}  # fmt: skip
+            "variants": {"dense": [], "top2": TOP2, "lory": LORY}, "reports": REPORTS,
+            "archive": "archive"}  # fmt: skip
     return sweep_and_collect(root, spec)
 
 
@@ -136,3 +138,24 @@ def test_analyses_are_inlined_with_links_into_the_run(collected):
     # the trained run is dropless; the override reached the second analysis: at factor 0.5 choices are dropped
     assert "No token was dropped at evaluation" in (run / "analysis" / "report.md").read_text()
     assert (run / "analysis_cf" / "drops_by_position.csv").is_file()
+
+
+def test_archive_regenerates_the_study_without_the_run_folders(collected, tmp_path):
+    """The committed-archive path: a clean folder with only the sweep file and its archive collects the same tables.
+
+    No checkpoint is archived, so every cached record a report reads (analyses, fp32 re-evaluations)
+    must have been kept; a rerun of the sweep finds every run done and trains nothing."""
+    archive = collected.parent / "archive"
+    assert not list(archive.rglob("checkpoints")) and (archive / "logs" / "lory-seed1-steps10.attempts.jsonl").is_file()
+    shutil.copytree(archive, tmp_path / "archive")
+    spec = yaml.safe_load((collected.parent / "x.yaml").read_text())
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({**spec, "out": str(tmp_path)}))
+    listed = cli("sweep", "x.yaml", "--dry-run", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.count("archive ") == 12, listed.stdout + listed.stderr
+    res = cli("sweep", "x.yaml", "--collect", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "restored 12 finished runs from the archive" in res.stdout
+    for name in ("results.md", "results.csv", "report_crossover.md", "report_reeval.md", "report_analyze.md"):
+        assert (tmp_path / "x" / name).read_text() == (collected / name).read_text(), name
+    again = cli("sweep", "x.yaml", cwd=tmp_path)
+    assert again.returncode == 0 and "12 done, 0 to run" in again.stdout, again.stdout + again.stderr
