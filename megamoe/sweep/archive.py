@@ -25,6 +25,7 @@ from pathlib import Path
 from megamoe.sweep.attempts import attempts_file
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.utils.fs import atomic_copy_file
+from megamoe.utils.locks import open_locked
 
 SKIP = frozenset({"checkpoints", "wandb", "tensorboard", "tokenizer.json"})
 """Run-folder entries an archive leaves out: the weights, the loggers' own copies, the tokenizer."""
@@ -102,12 +103,25 @@ def restorable(sweep: Sweep) -> list[Run]:
     return out
 
 
-def restore(sweep: Sweep) -> list[Run]:
-    """Copy each restorable run's record and attempts back from the archive; returns those runs."""
-    runs = restorable(sweep)
-    for run in runs:
-        attempts = attempts_file(sweep.archive / "logs", run.name)
-        if attempts.is_file():  # the attempts that made the result replace any of a local partial run
-            copy_file(attempts, attempts_file(sweep.root / "logs", run.name))
-        copy_record(sweep.archive / run.name, run.run_dir)
-    return runs
+def restore(sweep: Sweep, echo=print) -> list[Run]:
+    """Copy each restorable run's record and attempts back from the archive; returns the runs restored.
+
+    Each run is restored holding its lock (logs/<run>.lock), as a sweep holds it to train the run: a
+    sweep training it now is waited for (and said so), then the run is skipped if it finished."""
+    restored = []
+    for run in restorable(sweep):
+        logs = sweep.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        def waiting(seconds: float, holder: str, run: Run = run) -> None:
+            echo(f"  waiting ({seconds:.0f} s so far) to restore {run.name}: a sweep is running it ({holder})")
+
+        with open_locked(logs / f"{run.name}.lock", waiting):
+            if is_done(run.run_dir, run.cfg.train.max_steps):
+                continue
+            attempts = attempts_file(sweep.archive / "logs", run.name)
+            if attempts.is_file():  # the attempts that made the result replace any of a local partial run
+                copy_file(attempts, attempts_file(logs, run.name))
+            copy_record(sweep.archive / run.name, run.run_dir)
+            restored.append(run)
+    return restored

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from megamoe.errors import ConfigError
 from megamoe.sweep.archive import export_finished, export_job, record_files, restorable, restore
 from megamoe.sweep.attempts import attempts_file
 from megamoe.sweep.spec import load_sweep
+from megamoe.utils.locks import open_locked
 from tests.unit.test_sweep_budgets import sweep_file
 
 
@@ -86,3 +88,20 @@ def test_without_an_archive_nothing_is_kept(tmp_path):
 def test_archive_key_must_be_a_folder(tmp_path, bad):
     with pytest.raises(ConfigError, match=r"s\.yaml: archive.*must be a folder path"):
         load_sweep(sweep_file(tmp_path, archive=bad))
+
+
+def test_restore_waits_for_a_sweep_training_the_run(sweep):
+    """A run whose lock is held (a sweep training it) is restored only after it is released, and said so."""
+    for run in sweep.jobs[0]:
+        finish(run)
+    export_job(sweep, sweep.jobs[0])
+    for run in sweep.jobs[0]:
+        shutil.rmtree(run.run_dir)
+    said: list[str] = []
+    with open_locked(sweep.root / "logs" / f"{sweep.jobs[0][0].name}.lock", lambda *_: None):
+        worker = threading.Thread(target=lambda: said.append(len(restore(sweep, echo=said.append))))
+        worker.start()
+        worker.join(timeout=1.5)
+        assert worker.is_alive() and not sweep.jobs[0][0].run_dir.exists()
+    worker.join(timeout=30)
+    assert "waiting (0 s so far) to restore" in said[0] and said[-1] == 2
