@@ -1,7 +1,7 @@
 """A sweep's archive: the records of its finished jobs without their checkpoints, where they outlive the run folders.
 
 A sweep file's `archive: DIR` (relative to the sweep file) names it. It is small enough to commit
-with the study (configs/sweeps/crossover.yaml keeps docs/runs/crossover), so `--collect`
+with the study (configs/sweeps/crossover.yaml keeps docs/records/crossover), so `--collect`
 regenerates a study's tables and plots on a machine that never trained it, and a long sweep whose
 run folders are lost (a scratch purge, a new checkout) keeps every job it finished.
 - Export: once every run of a job (a run, or a trunk and its branches) is done, each run's files
@@ -43,8 +43,9 @@ def record_files(run_dir: Path) -> list[Path]:
     found = []
     for root, dirs, names in os.walk(run_dir):
         rel = Path(root).relative_to(run_dir)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (rel == Path(".") and d in SKIP))
-        found += [rel / n for n in sorted(names) if not n.startswith(".") and not (rel == Path(".") and n in SKIP)]
+        skip = SKIP if rel == Path(".") else frozenset()
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
+        found += [rel / n for n in sorted(names) if not n.startswith(".") and n not in skip]
     found.sort(key=lambda p: p == Path(SUMMARY))
     return found
 
@@ -108,10 +109,8 @@ def restore(sweep: Sweep, echo=print) -> list[Run]:
 
     Each run is restored holding its lock (logs/<run>.lock), as a sweep holds it to train the run: a
     sweep training it now is waited for (and said so), then the run is skipped if it finished."""
-    restored = []
+    restored, logs = [], sweep.root / "logs"
     for run in restorable(sweep):
-        logs = sweep.root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
 
         def waiting(seconds: float, holder: str, run: Run = run) -> None:
             echo(f"  waiting ({seconds:.0f} s so far) to restore {run.name}: a sweep is running it ({holder})")

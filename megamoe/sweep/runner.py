@@ -82,7 +82,7 @@ class _Local:
     """The processes of a local sweep: launch, reap and record them, one job's runs after another."""
 
     def __init__(self, sweep: Sweep, parallel: int, echo):
-        self.sweep, self.logs, self.echo = sweep, sweep.root / "logs", echo
+        self.logs, self.echo = sweep.root / "logs", echo
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
         self.results: dict[str, int] = {}
 

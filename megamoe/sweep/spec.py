@@ -13,7 +13,7 @@ A sweep YAML holds:
   seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
   budgets: [500, 1000, 2000]   # optional: train.max_steps of each run; WSD cooldown branches (budgets.py)
   reports: [balance, {crossover: {baseline: dense}}]   # optional: study reports --collect adds (reports/)
-  archive: ../../docs/runs/study   # optional: finished jobs' records, checkpoints left out (archive.py)
+  archive: ../../docs/records/study   # optional: finished jobs' records, checkpoints left out (archive.py)
 Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
 component; no seed suffix without `seeds`; `-steps<S>` appended with `budgets`), and every run's
 config is built and validated when the sweep is read.
