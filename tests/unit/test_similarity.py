@@ -13,7 +13,7 @@ from megamoe.data.prepare import cache_key
 from megamoe.data.similarity import order_documents
 from megamoe.data.similarity.embed import TfidfSvdEmbedder
 from megamoe.data.similarity.graph import build_graph, greedy_path, near_duplicates
-from megamoe.data.similarity.knn import search_neighbors
+from megamoe.data.similarity.search import search_neighbors
 from megamoe.errors import ConfigError, DataError
 from tests.util import tiny_config
 

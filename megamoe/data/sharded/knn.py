@@ -51,7 +51,8 @@ def run_index(cfg: DataConfig, layout: Layout) -> None:
 
 def run_search(cfg: DataConfig, layout: Layout, shard: int) -> None:
     """knn/nbrs_NNNNN: ids.npy and sims.npy of one query shard's rows."""
-    from megamoe.data.similarity.knn import read_index, search_rows, to_device
+    from megamoe.data.similarity.knn import read_index, to_device
+    from megamoe.data.similarity.search import search_rows
 
     emb_NK = np.load(layout.index / "embeddings.npy", mmap_mode="r")
     k = neighbor_count(cfg, len(emb_NK))

@@ -17,8 +17,9 @@ import numpy as np
 from megamoe.config import SimilarityConfig
 from megamoe.data.similarity.embed import TextBatches, embed_documents
 from megamoe.data.similarity.graph import build_graph, greedy_path, near_duplicates
-from megamoe.data.similarity.knn import Neighbors, search_neighbors
+from megamoe.data.similarity.knn import Neighbors
 from megamoe.data.similarity.report import quality_report
+from megamoe.data.similarity.search import search_neighbors
 
 log = logging.getLogger(__name__)
 
