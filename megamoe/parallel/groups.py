@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megamoe.parallel.layout import Layout
 
 log = logging.getLogger(__name__)
+_created_default: list[bool] = [False]
+"""Whether init_groups created the default process group (then destroy_groups destroys it)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def init_groups(layout: Layout, timeout_s: int, seed: int = 0) -> ParallelGroups
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # a caller's own default group is used as it is, and left to the caller
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        _created_default[0] = True
     if dist.get_world_size() != layout.world:
         raise RuntimeError(f"launched {dist.get_world_size()} ranks, layout expects {layout.world}")
     from megatron.core import parallel_state as ps
@@ -158,9 +161,10 @@ def _meshes(layout: Layout, ps, device: torch.device) -> dict:
 
 
 def destroy_groups() -> None:
-    """Tear down megatron-core's groups and the default process group."""
+    """Tear down megatron-core's groups, and the default process group if init_groups created it."""
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and _created_default[0]:
         dist.destroy_process_group()
+        _created_default[0] = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -23,8 +24,9 @@ def peak_tflops(device: torch.device, configured: float) -> tuple[float, str]:
     return measure_matmul_tflops(), "fp32 matmul measured at start"
 
 
+@functools.cache
 def measure_matmul_tflops(size: int = 1024, rounds: int = 5, seconds: float = 0.1) -> float:
-    """Best fp32 matmul TFLOP/s on the CPU over several short rounds (a peak, not an average)."""
+    """Best fp32 matmul TFLOP/s on the CPU over several short rounds (a peak, not an average); once per process."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     for _ in range(3):
         a @ b  # warm-up

@@ -20,7 +20,7 @@ from megamoe.model.moe.balance import expert_biases
 from megamoe.train.checkpoint import architecture, list_checkpoints, load_checkpoint
 from megamoe.train.engine import PlainEngine
 from megamoe.train.run import load_run_config
-from tests.distributed.test_layouts import assert_layout_matches, launch
+from tests.distributed.test_layouts import assert_layout_matches, launch, launch_layouts
 from tests.distributed.test_moe import COMMON, make_reference
 
 AUX_FREE = ["moe.score_fn=sigmoid", "moe.renormalize=true", "moe.balance=aux_free", "moe.bias_update_rate=0.05"]
@@ -62,11 +62,16 @@ def reference(data_cache, tiny_data, tmp_path_factory):
     return ref
 
 
+@pytest.fixture(scope="module")
+def runs(data_cache, tiny_data, tmp_path_factory) -> dict:
+    """Every layout's run dir, trained in one world."""
+    return launch_layouts(LAYOUTS, data_cache, tmp_path_factory.mktemp("aux_free"), *COMMON, *AUX_FREE)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_bias_update_is_layout_invariant(name, reference, data_cache, tmp_path):
-    nproc, overrides = LAYOUTS[name]
-    run_dir = tmp_path / name
-    launch(nproc, data_cache, run_dir, *COMMON, *AUX_FREE, *overrides)
+def test_bias_update_is_layout_invariant(name, reference, runs):
+    _, overrides = LAYOUTS[name]
+    run_dir = runs[name]
     assert_same_biases(run_dir, reference["run_dir"])
     # the eval set is eval_batches micro-batches: another micro-batch size evaluates other sequences
     keys = tuple(k for k in KEYS if k != "eval/loss" or "train.micro_batch_size=4" not in overrides)

@@ -9,6 +9,7 @@ and along the trajectory (losses, grad norms, eval losses, final parameters).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import pytest
 
 from megamoe.train.checkpoint import step_dir
 from megamoe.train.run import load_run_config
-from tests.distributed.helpers import check, metrics, torchrun
+from tests.distributed.helpers import TIMEOUT_S, check, metrics, torchrun
 from tests.distributed.parity import (
     check_every_step,
     check_final,
@@ -63,6 +64,23 @@ def launch(nproc: int, data_cache, run_dir, *extra: str, env: dict | None = None
     check(torchrun(nproc, "-m", "megamoe", "train", *args, env=env))
 
 
+def launch_layouts(layouts: dict[str, tuple[int, list[str]]], data_cache, root, *common: str) -> dict[str, object]:
+    """Train every layout (common + its overrides) under root/<name>: one world per rank count; their run dirs."""
+    for nproc in sorted({n for n, _ in layouts.values()}):
+        runs = {root / name: [*common, *extra] for name, (n, extra) in layouts.items() if n == nproc}
+        launch_world(nproc, data_cache, runs)
+    return {name: root / name for name in layouts}
+
+
+def launch_world(nproc: int, data_cache, runs: dict, env: dict | None = None) -> None:
+    """Train several tiny configs ({run_dir: overrides}) one after another in one torchrun world (train_world.py)."""
+    args = [[*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={d}", *extra] for d, extra in runs.items()]
+    spec = next(iter(runs)).parent / f"world-{nproc}-{next(iter(runs)).name}.json"
+    spec.write_text(json.dumps(args))
+    timeout = TIMEOUT_S + 60 * len(runs)
+    check(torchrun(nproc, "tests/distributed/worlds/train_world.py", str(spec), env=env, timeout=timeout))
+
+
 def assert_layout_matches(run_dir, reference: dict, keys: tuple[str, ...] = KEYS) -> None:
     """Every step from the layout's own state, the trajectory's metrics, and the final parameters."""
     check_every_step(run_dir, reference["cfg"])
@@ -70,12 +88,15 @@ def assert_layout_matches(run_dir, reference: dict, keys: tuple[str, ...] = KEYS
     check_final(run_dir, reference, reference["cfg"])
 
 
+@pytest.fixture(scope="module")
+def layout_runs(data_cache, tiny_data, tmp_path_factory) -> dict:
+    """Every layout's run dir, trained in one world per rank count."""
+    return launch_layouts(LAYOUTS, data_cache, tmp_path_factory.mktemp("layouts"))
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, data_cache, tmp_path):
-    nproc, overrides = LAYOUTS[name]
-    run_dir = tmp_path / name
-    launch(nproc, data_cache, run_dir, *overrides)
-    assert_layout_matches(run_dir, reference)
+def test_layout_matches_single_process(name, reference, layout_runs):
+    assert_layout_matches(layout_runs[name], reference)
 
 
 PLANTED = """# A planted layout bug: the sequence-parallel RMSNorm scales lose their gradient's TP all-reduce.

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.helpers import check, torchrun
-from tests.distributed.test_layouts import assert_layout_matches, launch
+from tests.distributed.test_layouts import assert_layout_matches, launch_layouts
 from tests.distributed.worlds.moe_world import CASES
 from tests.util import single_process_trainer, tiny_config
 
@@ -82,12 +82,16 @@ def moe_reference(data_cache, tiny_data, tmp_path_factory):
     return make_reference(data_cache, tmp_path_factory, "moe", COMMON, KEYS)
 
 
+@pytest.fixture(scope="module")
+def runs(data_cache, tiny_data, tmp_path_factory) -> dict:
+    """Every layout run of this file (RUNS), trained in one world per rank count."""
+    return launch_layouts(RUNS, data_cache, tmp_path_factory.mktemp("moe_runs"))
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_dropless_training_matches_single_process(name, moe_reference, data_cache, tmp_path):
+def test_dropless_training_matches_single_process(name, moe_reference, runs, tmp_path):
     """Losses (CE and aux), gradients, updates, routing stats and final weights equal the single-process run."""
-    nproc, overrides = LAYOUTS[name]
-    run_dir = tmp_path / name
-    launch(nproc, data_cache, run_dir, *COMMON, *overrides)
+    run_dir = runs[name]
     assert_layout_matches(run_dir, moe_reference, KEYS)
     if name == "ep2-tp2":
         check_export(run_dir, moe_reference["params"], tmp_path / "export")
@@ -162,22 +166,17 @@ def family_references(data_cache, tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(FAMILY_LAYOUTS))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_grin_and_rmoe_layouts_match_single_process(family, layout, family_references, data_cache, tmp_path):
+def test_grin_and_rmoe_layouts_match_single_process(family, layout, family_references, runs):
     """GRIN's samples agree on every TP rank and layout; RMoE's shared GRU gets the summed, identical gradient."""
-    nproc, overrides = FAMILY_LAYOUTS[layout]
-    run_dir = tmp_path / f"{family}-{layout}"
-    launch(nproc, data_cache, run_dir, *COMMON, *FAMILIES[family], *overrides)
-    assert_layout_matches(run_dir, family_references[family], KEYS)
+    assert_layout_matches(runs[f"{family}-{layout}"], family_references[family], KEYS)
 
 
-def test_qkv_bias_under_tp_sp_ep_matches_single_process(data_cache, tiny_data, tmp_path_factory, tmp_path):
+def test_qkv_bias_under_tp_sp_ep_matches_single_process(data_cache, tiny_data, tmp_path_factory, runs):
     """model.qkv_bias (Qwen2): the fused q/k/v bias is split over the TP ranks with its rows, its gradient is
     each rank's own (sequence-parallel: after the gather), and its checkpoint slices reassemble."""
     reference = make_reference(data_cache, tmp_path_factory, "qkv_bias", [*COMMON, "model.qkv_bias=true"], KEYS)
     assert any(float(p.abs().max()) > 0 for n, p in reference["params"].items() if n.endswith("qkv.bias"))
-    overrides = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.expert_parallel=2"]
-    launch(4, data_cache, tmp_path / "run", *COMMON, "model.qkv_bias=true", *overrides)
-    assert_layout_matches(tmp_path / "run", reference, KEYS)
+    assert_layout_matches(runs["qkv-bias"], reference, KEYS)
 
 
 # Lory with the dense warm-up (W = 2 of 6 steps): the upcycling copies optimizer state under ZeRO too.
@@ -207,11 +206,9 @@ def lory_reference(data_cache, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", list(LORY_LAYOUTS))
-def test_lory_layouts_match_single_process(layout, lory_reference, data_cache, tmp_path):
+def test_lory_layouts_match_single_process(layout, lory_reference, runs):
     """Expert-wise model parallelism (F over EP), sequences split over TP, upcycling under ZeRO: the reference run."""
-    nproc, overrides = LORY_LAYOUTS[layout]
-    run_dir = tmp_path / f"lory-{layout}"
-    launch(nproc, data_cache, run_dir, *COMMON, *LORY, *overrides)
+    run_dir = runs[f"lory-{layout}"]
     assert_layout_matches(run_dir, lory_reference, LORY_KEYS)
     tables = [(r / "routing_domains.jsonl").read_text().splitlines() for r in (run_dir, lory_reference["run_dir"])]
     assert len(tables[0]) == len(tables[1]) == 2
@@ -221,3 +218,18 @@ def test_lory_layouts_match_single_process(layout, lory_reference, data_cache, t
             assert got[layer].keys() == want[layer].keys()
             for domain, weights in want[layer].items():
                 assert got[layer][domain] == pytest.approx(weights, abs=3e-6), f"{layer}/{domain}"  # 6-digit table
+
+
+QKV_BIAS = ["model.qkv_bias=true", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+            "parallel.expert_parallel=2"]  # fmt: skip
+RUNS = {
+    **{name: (n, [*COMMON, *extra]) for name, (n, extra) in LAYOUTS.items()},
+    **{
+        f"{f}-{name}": (n, [*COMMON, *FAMILIES[f], *extra])
+        for f in FAMILIES
+        for name, (n, extra) in FAMILY_LAYOUTS.items()
+    },
+    "qkv-bias": (4, [*COMMON, *QKV_BIAS]),
+    **{f"lory-{name}": (n, [*COMMON, *LORY, *extra]) for name, (n, extra) in LORY_LAYOUTS.items()},
+}
+"""Every layout run of this file: name → (ranks, overrides)."""

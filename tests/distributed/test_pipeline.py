@@ -19,7 +19,7 @@ from megamoe.train.export import export_run, load_exported, load_run_model
 from megamoe.train.metrics import read_metrics
 from tests.distributed.helpers import check, torchrun
 from tests.distributed.parity import check_trajectory
-from tests.distributed.test_layouts import COMMON, assert_layout_matches, launch
+from tests.distributed.test_layouts import COMMON, assert_layout_matches, launch, launch_layouts
 from tests.distributed.test_moe import make_reference
 from tests.util import single_process_trainer, tiny_config
 
@@ -72,15 +72,21 @@ def references(data_cache, tiny_data, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def runs(data_cache, tiny_data, tmp_path_factory) -> dict:
+    """Every pipeline layout's run dir, trained in one world per rank count."""
+    layouts = {name: (n, [*PP, *FAMILIES[family], *extra]) for name, (family, n, extra) in LAYOUTS.items()}
+    return launch_layouts(layouts, data_cache, tmp_path_factory.mktemp("pipeline"))
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_pipeline_layout_matches_single_process(name, references, data_cache, tmp_path):
+def test_pipeline_layout_matches_single_process(name, references, runs):
     """Each step from the layout's own state, the trajectory and the final weights match single-process math."""
-    family, nproc, overrides = LAYOUTS[name]
-    launch(nproc, data_cache, tmp_path / "run", *PP, *FAMILIES[family], *overrides)
-    assert_layout_matches(tmp_path / "run", references(family), KEYS)
+    family, layout_run = LAYOUTS[name][0], runs[name]
+    assert_layout_matches(layout_run, references(family), KEYS)
     if family == "auxfree":  # every stage's selection biases, logged after each step: γ·sign steps, exactly equal
         bias = [[(r["step"], k, v) for r in read_metrics(run) for k, v in r.items() if "/bias/" in k]
-                for run in (tmp_path / "run", references(family)["run_dir"])]  # fmt: skip
+                for run in (layout_run, references(family)["run_dir"])]  # fmt: skip
         assert bias[0] == bias[1] and len(bias[0]) == 6 * 4 * 4  # 6 steps × 4 MoE blocks × 4 experts
 
 
