@@ -11,9 +11,8 @@ BLAS kernel (a CI machine's flat search changed with the split), so:
   only when no unfetched document can reach its k-th exact similarity: faiss's last fetched
   similarity plus `slack` (the largest float32 rounding error) lies below it. Otherwise the row
   fetches twice as many. The answer is the exact top k, ties by id, whatever faiss rounded.
-- IVF on the CPU: the lists to probe are chosen in float64 from the centroids (search_preassigned),
-  not by faiss's block-dependent float32 coarse search. Two lists could only swap where their
-  float64 similarities to the query agree to ~K·2⁻⁵³. Within lists faiss scans query by query.
+- IVF on the CPU: the lists to probe are the exact top nprobe centroids, found the same way from
+  faiss's coarse search (search_preassigned then scans them). Within lists faiss scans query by query.
 - fastscan: the HNSW quantizer, look-up tables, result handlers and refinement work query by query.
 An IVF index on a GPU is searched as faiss does it. Memory: N·k ids and similarities.
 """
@@ -65,14 +64,38 @@ def _drop_self(found_BF: np.ndarray, self_B: np.ndarray, width: int) -> np.ndarr
     return np.take_along_axis(np.where(is_self, -1, found_BF), order, 1)[:, :width].astype(np.int64)
 
 
-def _exact_sorted(emb_NK: np.ndarray, rows: np.ndarray, ids_Bk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine of each (query row, neighbor) pair (float64: exact for float16 rows); sorted by (−sim, id)."""
+def _exact_sorted(q_BK: np.ndarray, emb_NK: np.ndarray, ids_Bk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner product of each (query, emb_NK[id]) pair (float64: exact for float16 and float32 rows);
+    sorted by (−sim, id), −1 ids last."""
     valid = ids_Bk >= 0
-    q_BK = np.asarray(emb_NK[rows], dtype=np.float64)
+    q_BK = np.asarray(q_BK, dtype=np.float64)
     n_BkK = np.asarray(emb_NK[np.where(valid, ids_Bk, 0)], dtype=np.float64)
     sims_Bk = np.where(valid, np.einsum("bd,bkd->bk", q_BK, n_BkK), -np.inf).astype(np.float32)
     order = np.lexsort((np.where(valid, ids_Bk, np.iinfo(np.int64).max), -sims_Bk), axis=1)
     return np.take_along_axis(ids_Bk, order, 1), np.take_along_axis(sims_Bk, order, 1)
+
+
+def _certain_top(search, exact, x_BK: np.ndarray, k: int, fetch: int, total: int, slack_B: np.ndarray):
+    """The exact top k of each row: search(x, F)'s candidates ranked by exact(rows, ids), F doubled until sure.
+
+    A row is sure when faiss's last fetched similarity plus slack_B lies below its k-th exact one: no
+    unfetched candidate can then reach the k-th (or when all `total` candidates were fetched).
+    """
+    ids_Bk, sims_Bk = np.empty((len(x_BK), k), np.int64), np.empty((len(x_BK), k), np.float32)
+    todo_T = np.arange(len(x_BK))
+    while len(todo_T):
+        fetch = min(fetch, total)
+        approx_TF, found_TF = search(x_BK[todo_T], fetch)
+        ids_TF, sims_TF = exact(todo_T, found_TF)
+        sure_T = (fetch == total) | (approx_TF[:, -1] + slack_B[todo_T] < sims_TF[:, k - 1])
+        ids_Bk[todo_T[sure_T]], sims_Bk[todo_T[sure_T]] = ids_TF[sure_T, :k], sims_TF[sure_T, :k]
+        todo_T, fetch = todo_T[~sure_T], 2 * fetch
+    return ids_Bk, sims_Bk
+
+
+def _row_slack(x_BK: np.ndarray, norm_max: float) -> np.ndarray:
+    """slack for each query row against candidates of norm at most norm_max."""
+    return slack(x_BK.shape[1], np.linalg.norm(x_BK.astype(np.float64), axis=1), norm_max)
 
 
 def _flat_finder(index, emb_NK: np.ndarray, k: int) -> Finder:
@@ -80,43 +103,37 @@ def _flat_finder(index, emb_NK: np.ndarray, k: int) -> Finder:
     norm_max = _norm_max(emb_NK)
 
     def find(rows_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids_Bk, sims_Bk = np.empty((len(rows_B), k), np.int64), np.empty((len(rows_B), k), np.float32)
-        todo_T, fetch = np.arange(len(rows_B)), k + 1 + FLAT_MARGIN
-        while len(todo_T):
-            fetch = min(fetch, index.ntotal)
-            x_TK = float32_rows(emb_NK, rows_B[todo_T])
-            approx_TF, found_TF = index.search(x_TK, fetch)
-            ids_TF, sims_TF = _exact_sorted(emb_NK, rows_B[todo_T], _drop_self(found_TF, rows_B[todo_T], fetch))
-            bound_T = approx_TF[:, -1] + slack(x_TK.shape[1], np.linalg.norm(x_TK.astype(np.float64), axis=1), norm_max)
-            sure_T = (fetch == index.ntotal) | (bound_T < sims_TF[:, k - 1])  # no unfetched row reaches the k-th
-            ids_Bk[todo_T[sure_T]], sims_Bk[todo_T[sure_T]] = ids_TF[sure_T, :k], sims_TF[sure_T, :k]
-            todo_T, fetch = todo_T[~sure_T], 2 * fetch
-        return ids_Bk, sims_Bk
+        x_BK = float32_rows(emb_NK, rows_B)
+
+        def exact(todo_T: np.ndarray, found_TF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _exact_sorted(x_BK[todo_T], emb_NK, _drop_self(found_TF, rows_B[todo_T], found_TF.shape[1]))
+
+        fetch = k + 1 + FLAT_MARGIN
+        return _certain_top(index.search, exact, x_BK, k, fetch, index.ntotal, _row_slack(x_BK, norm_max))
 
     return find
 
 
-def _probe_lists(cent_LK: np.ndarray, x_BK: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nprobe most similar IVF lists (float64 inner products), sorted by (−similarity, list)."""
-    sims_BL = x_BK.astype(np.float64) @ cent_LK.T
-    top_BP = np.argpartition(-sims_BL, nprobe - 1, axis=1)[:, :nprobe]
-    top_sims_BP = np.take_along_axis(sims_BL, top_BP, 1)
-    order = np.lexsort((top_BP, -top_sims_BP), axis=1)
-    return np.take_along_axis(top_BP, order, 1), np.take_along_axis(top_sims_BP, order, 1).astype(np.float32)
-
-
 def _ivf_finder(index, emb_NK: np.ndarray, k: int) -> Finder:
-    """Top k of each row from a CPU IVF index, its lists chosen in float64 rather than by faiss's coarse search."""
+    """Top k of each row from a CPU IVF index whose probed lists are the exact top nprobe (as the flat search)."""
     import faiss
 
-    cent_LK = faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist).astype(np.float64)
-    nprobe = min(index.nprobe, index.nlist)
+    quantizer = faiss.downcast_index(index.quantizer)
+    cent_LK = quantizer.reconstruct_n(0, index.nlist)
+    norm_max, nprobe = _norm_max(cent_LK), min(index.nprobe, index.nlist)
 
     def find(rows_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x_BK = float32_rows(emb_NK, rows_B)
-        lists_BP, list_sims_BP = _probe_lists(cent_LK, x_BK, nprobe)
+
+        def exact(todo_T: np.ndarray, lists_TF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _exact_sorted(x_BK[todo_T], cent_LK, lists_TF)
+
+        fetch = nprobe + FLAT_MARGIN
+        lists_BP, list_sims_BP = _certain_top(
+            quantizer.search, exact, x_BK, nprobe, fetch, index.nlist, _row_slack(x_BK, norm_max)
+        )
         _, found_BF = index.search_preassigned(x_BK, k + 1, lists_BP, list_sims_BP)
-        return _exact_sorted(emb_NK, rows_B, _drop_self(found_BF, rows_B, k))
+        return _exact_sorted(x_BK, emb_NK, _drop_self(found_BF, rows_B, k))
 
     return find
 
@@ -130,14 +147,15 @@ def _faiss_finder(cfg: SimilarityConfig, index, emb_NK: np.ndarray, k: int) -> F
         params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, cfg.fast_candidates * k / (k + 1)))
 
     def find(rows_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        _, found_BF = index.search(float32_rows(emb_NK, rows_B), k + 1, params=params)
-        return _exact_sorted(emb_NK, rows_B, _drop_self(found_BF, rows_B, k))
+        x_BK = float32_rows(emb_NK, rows_B)
+        _, found_BF = index.search(x_BK, k + 1, params=params)
+        return _exact_sorted(x_BK, emb_NK, _drop_self(found_BF, rows_B, k))
 
     return find
 
 
 def _finder(cfg: SimilarityConfig, index, emb_NK: np.ndarray, k: int) -> Finder:
-    """How this index's rows are searched: certified flat, float64-probed IVF, or faiss as is."""
+    """How this index's rows are searched: certified flat, IVF with certified lists, or faiss as is."""
     import faiss
 
     if index_kind(cfg, index.ntotal) == "flat":
