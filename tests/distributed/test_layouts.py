@@ -60,11 +60,15 @@ def reference(data_cache, tiny_data, tmp_path_factory):
 
 def launch(nproc: int, data_cache, run_dir, *extra: str, env: dict | None = None) -> None:
     """Train the tiny config on nproc ranks through `torchrun -m megamoe train` (later overrides win)."""
-    args = [*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", *extra]
-    check(torchrun(nproc, "-m", "megamoe", "train", *args, env=env))
+    check(torchrun(nproc, "-m", "megamoe", "train", *_train_args(data_cache, run_dir, extra), env=env))
 
 
-def launch_layouts(layouts: dict[str, tuple[int, list[str]]], data_cache, root, *common: str) -> dict[str, object]:
+def _train_args(data_cache, run_dir, extra) -> list[str]:
+    """The tiny config's `megamoe train` overrides for one run (later overrides win)."""
+    return [*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={run_dir}", *extra]
+
+
+def launch_layouts(layouts: dict[str, tuple[int, list[str]]], data_cache, root, *common: str) -> dict:
     """Train every layout (common + its overrides) under root/<name>: one world per rank count; their run dirs."""
     for nproc in sorted({n for n, _ in layouts.values()}):
         runs = {root / name: [*common, *extra] for name, (n, extra) in layouts.items() if n == nproc}
@@ -74,9 +78,9 @@ def launch_layouts(layouts: dict[str, tuple[int, list[str]]], data_cache, root, 
 
 def launch_world(nproc: int, data_cache, runs: dict, env: dict | None = None) -> None:
     """Train several tiny configs ({run_dir: overrides}) one after another in one torchrun world (train_world.py)."""
-    args = [[*TINY, *COMMON, f"data.cache_dir={data_cache}", f"train.run_dir={d}", *extra] for d, extra in runs.items()]
-    spec = next(iter(runs)).parent / f"world-{nproc}-{next(iter(runs)).name}.json"
-    spec.write_text(json.dumps(args))
+    first = next(iter(runs))
+    spec = first.parent / f"world-{nproc}-{first.name}.json"
+    spec.write_text(json.dumps([_train_args(data_cache, run_dir, extra) for run_dir, extra in runs.items()]))
     timeout = TIMEOUT_S + 60 * len(runs)
     check(torchrun(nproc, "tests/distributed/worlds/train_world.py", str(spec), env=env, timeout=timeout))
 
