@@ -1,17 +1,20 @@
 """Lory layer forward+backward time and memory against a dense SwiGLU of the same active size.
 
-Usage: python -m bench.lory_layer [--tokens N] [--repeats R] [--device cpu|cuda] [--impl reference|triton]
+Usage: python -m bench.lory_layer [--tokens N] [--repeats R] [--rounds N] [--experts E ...] [--segments T ...]
+       [--device cpu|cuda] [--impl reference|triton]
 A Lory layer with E experts of width F merges all three matrices once per segment of T tokens;
 every token then goes through one merged FFN of width F — the dense SwiGLU of width F is the
 same active size. Memory: on CUDA the peak allocated during forward+backward above what was
 allocated before; on CPU (no allocator statistics) the activations autograd saves for backward,
-parameters excluded — what the merge recomputation keeps small. Ratios are Lory / dense, measured in one run.
+parameters excluded — what the merge recomputation keeps small. Ratios are Lory / dense, measured in one run:
+with --rounds N, the median (and range) of N interleaved rounds' ratios, for a machine shared with other work.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 
 import torch
 
@@ -52,41 +55,78 @@ def peak_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def main() -> None:
-    """Print the markdown table."""
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="fwd+bwd passes per timing; the best counts")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: dense, then every Lory config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impl", default="reference", choices=("reference", "triton"))
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=704)
     parser.add_argument("--seq-len", type=int, default=1024)
-    args = parser.parse_args()
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--segments", type=int, nargs="+", default=[64, 256], help="segment lengths T")
+    return parser.parse_args()
+
+
+def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[int, int], LoryFFN]:
+    """A Lory layer per (E, T), initialized like the model's."""
+    layers = {}
+    for seg in args.segments:
+        for num_experts in args.experts:
+            overrides = ["moe.routing=lory", f"moe.num_experts={num_experts}", f"moe.segment_length={seg}"]
+            cfg = load_config(None, [*overrides, f"moe.merge_impl={args.impl}"]).moe
+            layers[num_experts, seg] = LoryFFN(model, cfg, LayerFactory()).to(args.device)
+            init_parameters(layers[num_experts, seg], model, seed=0)
+    return layers
+
+
+def interleaved(dense, layers: dict, x: torch.Tensor, args: argparse.Namespace) -> tuple[list, dict]:
+    """Per round the dense step, then each Lory layer's: the dense times and each layer's Lory / dense ratios.
+
+    A load change on a shared machine then moves a round's dense and Lory times together, and the
+    median of the per-round ratios discards the rounds it hit unevenly."""
+    dense_s, ratios = [], {key: [] for key in layers}
+    for _ in range(args.rounds):
+        dense_s.append(timed(fwd_bwd(dense, x), args.repeats))
+        for key, layer in layers.items():
+            ratios[key].append(timed(fwd_bwd(layer, x), args.repeats) / dense_s[-1])
+    return dense_s, ratios
+
+
+def main() -> None:
+    """Print the markdown table."""
+    args = parse_args()
     dim, hidden, seq = args.dim, args.hidden, args.seq_len
     model = ModelConfig(d_model=dim, num_heads=4, seq_len=seq, vocab_size=64, ffn_hidden_size=hidden)
     x = torch.randn(seq, args.tokens // seq, dim, device=args.device)
     dense = SwiGLU(dim, hidden, LayerFactory()).to(args.device)
     init_parameters(dense, model, seed=0)
-    t_dense, m_dense = timed(fwd_bwd(dense, x), args.repeats), peak_bytes(dense, x)
+    layers = lory_layers(args, model)
+    dense_s, ratios = interleaved(dense, layers, x, args)
+    t_dense, m_dense = statistics.median(dense_s), peak_bytes(dense, x)
     threads = torch.get_num_threads()
     print(f"machine: {platform.machine()} / {args.device}, torch {torch.__version__}, {threads} threads")
     print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, merge {args.impl}")
-    print(f"dense SwiGLU: {args.tokens / t_dense:,.0f} tokens/s, memory {m_dense / 2**20:.1f} MiB\n")
-    print("| E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense | memory MiB | memory Lory / dense |")
-    print("|---|---|---|---|---|---|---|")
-    for seg in (64, 256):
-        for num_experts in (4, 8, 16, 32):
-            overrides = ["moe.routing=lory", f"moe.num_experts={num_experts}", f"moe.segment_length={seg}"]
-            cfg = load_config(None, [*overrides, f"moe.merge_impl={args.impl}"]).moe
-            lory = LoryFFN(model, cfg, LayerFactory()).to(args.device)
-            init_parameters(lory, model, seed=0)
-            t_lory = timed(fwd_bwd(lory, x), args.repeats)
-            m_lory = peak_bytes(lory, x)
-            print(
-                f"| {num_experts} | {seg} | {num_experts / seg:.3f} | {args.tokens / t_lory:,.0f} | "
-                f"{t_lory / t_dense:.2f} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
-            )
+    print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
+    print(f"dense SwiGLU: {args.tokens / t_dense:,.0f} tokens/s (median), memory {m_dense / 2**20:.1f} MiB\n")
+    print_table(layers, ratios, x, args.tokens / t_dense, m_dense)
+
+
+def print_table(layers: dict, ratios: dict, x: torch.Tensor, dense_tps: float, m_dense: int) -> None:
+    """One row per (E, T): the median Lory / dense time ratio over the rounds, its range, and the memory."""
+    print("| E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense (median) | range | memory MiB "
+          "| memory Lory / dense |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for (num_experts, seg), layer in layers.items():
+        ratio, m_lory = statistics.median(ratios[num_experts, seg]), peak_bytes(layer, x)
+        spread = f"{min(ratios[num_experts, seg]):.2f}–{max(ratios[num_experts, seg]):.2f}"
+        print(
+            f"| {num_experts} | {seg} | {num_experts / seg:.3f} | {dense_tps / ratio:,.0f} | "
+            f"{ratio:.2f} | {spread} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
+        )
 
 
 if __name__ == "__main__":

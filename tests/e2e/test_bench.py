@@ -70,6 +70,16 @@ def test_precision_tiny():
     assert all(float(r[4].rstrip("×")) > 0 for r in rows)
 
 
+def test_lory_layer_rounds_tiny():
+    """Every chosen (E, T) gets a row, in order, with a median ratio inside its range over the rounds."""
+    args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1", "--rounds", "3"]
+    rows = table_rows(bench("bench.lory_layer", *args, "--experts", "2", "4", "--segments", "16", "64"))
+    assert [r[:2] for r in rows] == [["2", "16"], ["4", "16"], ["2", "64"], ["4", "64"]]
+    for r in rows:
+        low, high = (float(v) for v in r[5].split("–"))
+        assert low <= float(r[4]) <= high and float(r[6]) > 0
+
+
 def test_prepare_throughput_tiny():
     """One process and sharded on 1 and 2 workers prepare the same tokens; every variant gets a rate."""
     record = json.loads(bench("bench.prepare_throughput", "--docs", "1200", "--words", "40", "--shard", "300"))
