@@ -121,8 +121,9 @@ def print_table(layers: dict, ratios: dict, x: torch.Tensor, dense_tps: float, m
           "| memory Lory / dense |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for (num_experts, seg), layer in layers.items():
-        ratio, m_lory = statistics.median(ratios[num_experts, seg]), peak_bytes(layer, x)
-        spread = f"{min(ratios[num_experts, seg]):.2f}–{max(ratios[num_experts, seg]):.2f}"
+        rounds = ratios[num_experts, seg]
+        ratio, m_lory = statistics.median(rounds), peak_bytes(layer, x)
+        spread = f"{min(rounds):.2f}–{max(rounds):.2f}"
         print(
             f"| {num_experts} | {seg} | {num_experts / seg:.3f} | {dense_tps / ratio:,.0f} | "
             f"{ratio:.2f} | {spread} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
