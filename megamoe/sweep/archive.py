@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from megamoe.sweep.attempts import attempts_file
+from megamoe.sweep.attempts import attempts_file, heartbeat_file, settle
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.utils.fs import atomic_copy_file
 from megamoe.utils.locks import open_locked
@@ -74,6 +74,7 @@ def export_job(sweep: Sweep, job: tuple[Run, ...]) -> bool:
         return False
     for run in job:
         attempts = attempts_file(sweep.root / "logs", run.name)
+        settle(attempts)  # a finished attempt a killed sweep never reaped counts, from its heartbeat
         if attempts.is_file():
             copy_file(attempts, attempts_file(sweep.archive / "logs", run.name))
         copy_record(run.run_dir, sweep.archive / run.name)
@@ -121,6 +122,7 @@ def restore(sweep: Sweep, echo=print) -> list[Run]:
             attempts = attempts_file(sweep.archive / "logs", run.name)
             if attempts.is_file():  # the attempts that made the result replace any of a local partial run
                 copy_file(attempts, attempts_file(logs, run.name))
+                heartbeat_file(attempts_file(logs, run.name)).unlink(missing_ok=True)
             copy_record(sweep.archive / run.name, run.run_dir)
             restored.append(run)
     return restored

@@ -4,11 +4,20 @@ An attempt is one process, from launch to exit: a fresh start, or a resume after
 preemption. Its record holds the wall seconds, the CPU seconds (user + system, from os.wait4 on its
 pid: that process and every descendant it waited for, such as torchrun's ranks, and nothing else),
 the exit status (negative: killed by that signal) and where it ran. A record is appended and
-flushed when the process has been reaped, so a killed sweep loses at most the attempts in flight.
+fsynced when the process has been reaped.
+
+While it runs, the attempt's heartbeat (logs/<run>.inflight.json, replaced every HEARTBEAT_S) holds
+the same fields so far, its CPU read from /proc over the live process tree (utils/proctree.py). If
+the sweep is killed with its runs (kill -9, a machine's end), nobody reaps the attempt, and the
+heartbeat is its record: it counts as an attempt with `"exit": null, "lost": true`, short of the
+truth by at most HEARTBEAT_S of work and the checkpoint it may have saved on SIGTERM. The next
+attempt of the run appends it to the record first (settle), and a reaped record supersedes a
+heartbeat of the same attempt (same pid and start), so nothing counts twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -16,14 +25,25 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from megamoe.utils.fs import atomic_write_text
+from megamoe.utils.proctree import tree_usage
+
 PR_SET_PDEATHSIG = 1
+HEARTBEAT_S = 10.0
+"""Seconds between two heartbeats of an attempt: what a killed sweep's record of it may miss."""
 
 
 def attempts_file(logs: Path, run_name: str) -> Path:
     """The attempts record of a run."""
     return logs / f"{run_name}.attempts.jsonl"
+
+
+def heartbeat_file(attempts: Path) -> Path:
+    """The heartbeat of the attempt in flight of the run whose attempts record is `attempts`."""
+    return attempts.with_name(attempts.name.replace(".attempts.jsonl", ".inflight.json"))
 
 
 def reap(pid: int, block: bool) -> tuple[int, os.struct_rusage] | None:
@@ -32,25 +52,91 @@ def reap(pid: int, block: bool) -> tuple[int, os.struct_rusage] | None:
     return None if found == 0 else (os.waitstatus_to_exitcode(status), usage)
 
 
-def record(path: Path, run: str, state: str, started: float, wall_s: float, usage, code: int) -> dict:
-    """Append one attempt (started: a time.time() stamp) to path and flush it; returns the record."""
-    entry = {
-        "run": run, "state": state, "exit": code,
+def _entry(run: str, state: str, pid: int, started: float, wall_s: float, cpu: tuple, code: int | None) -> dict:
+    """One attempt's fields; cpu is (user_s, sys_s, max_rss_mib)."""
+    user_s, sys_s, rss_mib = cpu
+    return {
+        "run": run, "state": state, "exit": code, "pid": pid,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_s": round(wall_s, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "user_s": round(usage.ru_utime, 3), "sys_s": round(usage.ru_stime, 3),
-        "max_rss_mib": round(usage.ru_maxrss / 1024, 1), "host": socket.gethostname(),
+        "wall_s": round(wall_s, 3), "cpu_s": round(user_s + sys_s, 3), "user_s": round(user_s, 3),
+        "sys_s": round(sys_s, 3), "max_rss_mib": round(rss_mib, 1), "host": socket.gethostname(),
     }  # fmt: skip
+
+
+def _append(path: Path, entry: dict) -> None:
+    """Append one line to an attempts record and fsync it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    return entry
 
 
-def read_attempts(path: Path) -> list[dict]:
-    """The attempts recorded in path ([] if none); a torn last line (a kill mid-write) is skipped."""
+def _key(entry: dict) -> tuple:
+    """What identifies an attempt: its process and start (records written before pids were kept have none)."""
+    return (entry.get("pid"), entry.get("started"))
+
+
+@dataclass
+class Tracked:
+    """An attempt in flight: its heartbeat while it runs, its record once reaped."""
+
+    path: Path
+    """The run's attempts record."""
+    run: str
+    state: str
+    pid: int
+    started: float = field(default_factory=time.time)
+    """time.time() at launch."""
+    clock: float = field(default_factory=time.monotonic)
+    """time.monotonic() at launch."""
+    last_beat: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        settle(self.path)  # the heartbeat of an earlier attempt nobody reaped is a record before this one beats
+
+    def beat(self) -> None:
+        """Replace the heartbeat if HEARTBEAT_S have passed since the last (best effort: a full disk skips it)."""
+        now = time.monotonic()
+        if now - self.last_beat < HEARTBEAT_S or (usage := tree_usage(self.pid)) is None:
+            return
+        self.last_beat = now
+        cpu = (usage.user_s, usage.sys_s, usage.max_rss_mib)
+        entry = {**_entry(self.run, self.state, self.pid, self.started, now - self.clock, cpu, None), "lost": True}
+        with contextlib.suppress(OSError):
+            atomic_write_text(heartbeat_file(self.path), json.dumps(entry) + "\n")
+
+    def close(self, usage, code: int) -> dict:
+        """Record the reaped attempt (usage: its os.wait4 rusage), drop its heartbeat; returns the record."""
+        cpu = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024)
+        entry = _entry(self.run, self.state, self.pid, self.started, time.monotonic() - self.clock, cpu, code)
+        _append(self.path, entry)
+        heartbeat_file(self.path).unlink(missing_ok=True)
+        return entry
+
+
+def _read_heartbeat(path: Path) -> dict | None:
+    """The heartbeat of the run whose attempts record is path; None if there is none (or it is unreadable)."""
+    try:
+        return json.loads(heartbeat_file(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def settle(path: Path) -> None:
+    """Append the run's heartbeat, an attempt nobody reaped, to its record (unless recorded) and remove it.
+
+    Only where no attempt of the run is in flight: a new attempt's start (the sweep holds the run's
+    lock; a SLURM array task runs its job alone) or a job whose runs are all done (archive.py).
+    """
+    beat = _read_heartbeat(path)
+    if beat is not None and _key(beat) not in {_key(a) for a in _read_lines(path)}:
+        _append(path, beat)
+    heartbeat_file(path).unlink(missing_ok=True)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The lines of an attempts record ([] if none); a torn last line (a kill mid-write) is skipped."""
     if not path.is_file():
         return []
     out = []
@@ -59,6 +145,21 @@ def read_attempts(path: Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return out
+
+
+def read_attempts(path: Path) -> list[dict]:
+    """The attempts of a run: its record and a heartbeat not yet settled, a lost one dropped where it was reaped."""
+    found = _read_lines(path)
+    if (beat := _read_heartbeat(path)) is not None:
+        found.append(beat)
+    seen = {_key(a) for a in found if not a.get("lost")}
+    out = []
+    for entry in found:
+        if entry.get("lost") and _key(entry) in seen:
+            continue
+        seen.add(_key(entry))
+        out.append(entry)
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megamoe.errors import MegamoeError
 from megamoe.sweep.archive import archived, export_job_of
-from megamoe.sweep.attempts import attempts_file, reap, record, stop_with_parent
+from megamoe.sweep.attempts import Tracked, attempts_file, reap, stop_with_parent
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
 from megamoe.sweep.task import jobs_json
@@ -71,10 +71,8 @@ class Attempt:
     run: Run
     state: str
     proc: subprocess.Popen
-    started: float
-    """time.time() at launch."""
-    clock: float
-    """time.monotonic() at launch."""
+    tracked: Tracked
+    """Its heartbeat and record."""
     rest: list[Run]
 
 
@@ -120,7 +118,8 @@ class _Local:
                     pass_fds=(lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()),
                 )  # fmt: skip
             note_holder(lock, f"megamoe train pid {proc.pid}, started by sweep pid {os.getpid()}")
-            return Attempt(run, state, proc, time.time(), time.monotonic(), rest)
+            tracked = Tracked(attempts_file(self.logs, run.name), run.name, state, proc.pid)  # under the lock
+            return Attempt(run, state, proc, tracked, rest)
         finally:
             lock.close()  # the child holds its inherited copy of the lock until it exits
 
@@ -128,12 +127,12 @@ class _Local:
         """Reap the attempt if it has exited: record its time, report it, and go on with its job."""
         reaped = reap(attempt.proc.pid, block=False)
         if reaped is None:
+            attempt.tracked.beat()
             return False
         code, usage = reaped
         attempt.proc.returncode = code  # reaped here (os.wait4), so Popen must not wait for it again
         name = attempt.run.name
-        wall = time.monotonic() - attempt.clock
-        record(attempts_file(self.logs, name), name, attempt.state, attempt.started, wall, usage, code)
+        attempt.tracked.close(usage, code)
         self.results[name] = code
         self.echo(f"  {'done' if code == 0 else f'FAILED ({code})'} {name}")
         if attempt.rest and attempt.run.branch is None and not (code == 0 and status(attempt.run) == "done"):

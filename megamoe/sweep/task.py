@@ -8,9 +8,10 @@ checkpoint step.
       prints `STATE RUN ATTEMPTS_FILE ARG...` (shell words) for run K of job TASK, nothing past its
       last run. STATE is done, resume or new; a new branch first gets its trunk's checkpoint (resume).
   python -m megamoe.sweep.task attempt ATTEMPTS_FILE RUN STATE -- COMMAND...
-      runs COMMAND (srun starts this), appends its wall and CPU seconds and exit status to ATTEMPTS_FILE
-      (attempts.py), and exits with its status (128 + N for signal N). SLURM signals every process of
-      the step, so this one ignores SIGUSR1 and SIGTERM: COMMAND gets them too and acts on them.
+      runs COMMAND (srun starts this), keeps its heartbeat while it runs, appends its wall and CPU
+      seconds and exit status to ATTEMPTS_FILE (attempts.py), and exits with its status (128 + N for
+      signal N). SLURM signals every process of the step, so this one ignores SIGUSR1 and SIGTERM:
+      COMMAND gets them too and acts on them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from megamoe.sweep.attempts import attempts_file, reap, record, stop_with_parent
+from megamoe.sweep.attempts import Tracked, attempts_file, reap, stop_with_parent
 from megamoe.sweep.spec import Branch, Run, Sweep
+
+POLL_S = 0.5
+"""How often an attempt checks whether its command has exited (and beats)."""
 
 
 def jobs_json(sweep: Sweep) -> str:
@@ -60,11 +64,14 @@ def attempt(path: Path, run: str, state: str, command: list[str]) -> int:
     """Run command to its end and record the attempt; returns its exit status as a shell would."""
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)  # a handler, not SIG_IGN: the command gets the default back
-    started, clock = time.time(), time.monotonic()
     proc = subprocess.Popen(command, preexec_fn=stop_with_parent(os.getpid()))
-    code, usage = reap(proc.pid, block=True)
+    tracked = Tracked(path, run, state, proc.pid)
+    while (reaped := reap(proc.pid, block=False)) is None:
+        tracked.beat()
+        time.sleep(POLL_S)
+    code, usage = reaped
     proc.returncode = code
-    record(path, run, state, started, time.monotonic() - clock, usage, code)
+    tracked.close(usage, code)
     return 128 - code if code < 0 else code
 
 

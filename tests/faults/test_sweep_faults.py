@@ -16,10 +16,12 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from tests.faults.procs import kill_when, launch, megamoe, poll_until, run, settled, tail
+from megamoe.sweep.attempts import HEARTBEAT_S, read_attempts
+from tests.faults.procs import descendants, kill_when, launch, megamoe, poll_until, run, settled, signal_group, tail
 from tests.util import TINY
 
 RUNS = ("dense-seed1", "dense-seed2")
@@ -195,3 +197,39 @@ def test_a_second_sweep_waits_for_a_run_in_progress_and_says_so(data_cache, tiny
         assert f"for {RUNS[0]}: another sweep is running it (megamoe train pid 4242, started by" in tail(log)
         assert f"start {RUNS[0]}" not in tail(log)
     assert poll_until(lambda: f"start {RUNS[0]} (new)" in tail(log), 60), tail(log)
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_its_run_keeps_the_attempt_from_its_heartbeat(data_cache, tiny_data, tmp_path):
+    """kill -9 to the sweep and its training run: the attempt counts, from its last heartbeat, exactly once.
+
+    Before, nobody reaped the attempt and its CPU time was lost from the record. The training
+    process is stopped (SIGSTOP) first, so its CPU counters stand still; the sweep's next heartbeat
+    must then read the same ticks psutil reads (one tick of slack), before the kill. The rerun
+    appends that heartbeat to the record ahead of its own attempt, and --collect sums both.
+    """
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    spec = write_sweep(tmp_path / "s.yaml", root, data_cache, steps=12)
+    proc = launch(megamoe("sweep", str(spec), "--parallel", "1"), log)
+    logs, run_dir = root / "s" / "logs", root / "s" / RUNS[0]
+    beat_path = logs / f"{RUNS[0]}.inflight.json"
+    assert poll_until(lambda: _logged_step(run_dir) >= 2, 300), tail(log)
+    (train,) = [p for p in descendants(proc) if "train" in p.cmdline()]
+    train.send_signal(signal.SIGSTOP)
+    assert poll_until(lambda: train.status() == psutil.STATUS_STOPPED, 30)
+    times = train.cpu_times()
+    frozen, stopped = times.user + times.system + times.children_user + times.children_system, time.time()
+    assert poll_until(lambda: beat_path.is_file() and beat_path.stat().st_mtime > stopped + 0.5, HEARTBEAT_S + 30)
+    signal_group(proc, signal.SIGKILL)
+    proc.wait()
+    assert settled(proc), "a process of the killed sweep lived on"
+    beat = json.loads(beat_path.read_text())
+    assert (beat["pid"], beat["exit"], beat["lost"]) == (train.pid, None, True)
+    assert beat["cpu_s"] == pytest.approx(frozen, abs=0.011)
+    assert run(megamoe("sweep", str(spec), "--parallel", "1"), log, timeout=600) == 0, tail(log)
+    found = read_attempts(logs / f"{RUNS[0]}.attempts.jsonl")
+    assert [(a["exit"], a.get("lost", False)) for a in found] == [(None, True), (0, False)], found
+    assert found[0] == beat and not beat_path.exists()
+    assert run(megamoe("sweep", str(spec), "--collect"), log) == 0, tail(log)
+    row = results(root)[RUNS[0]]
+    assert (int(row["attempts"]), float(row["cpu_s"])) == (2, pytest.approx(sum(a["cpu_s"] for a in found), abs=1e-3))

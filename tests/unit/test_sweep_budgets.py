@@ -14,7 +14,7 @@ import yaml
 
 from megamoe.config import load_config
 from megamoe.errors import CheckpointError, ConfigError
-from megamoe.sweep.attempts import read_attempts, reap, record
+from megamoe.sweep.attempts import Tracked, read_attempts, reap
 from megamoe.sweep.spec import Branch, load_sweep
 from megamoe.sweep.task import jobs_json, next_run
 from megamoe.train.upcycle import warmup_steps
@@ -131,6 +131,8 @@ def test_each_child_is_charged_its_own_cpu_time(tmp_path):
     """os.wait4 per pid: a busy and an idle child, running at once, each get their own CPU seconds."""
     busy = subprocess.Popen([sys.executable, "-S", "-c", BURN])
     idle = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(0.6)"])
+    path = tmp_path / "r.attempts.jsonl"
+    tracked = Tracked(path, "r", "new", busy.pid)
     deadline, done = time.monotonic() + 30, {}
     while len(done) < 2 and time.monotonic() < deadline:
         for name, proc in (("busy", busy), ("idle", idle)):
@@ -141,12 +143,12 @@ def test_each_child_is_charged_its_own_cpu_time(tmp_path):
     assert busy_code == idle_code == 0
     assert busy_use.ru_utime + busy_use.ru_stime >= 0.55
     assert idle_use.ru_utime + idle_use.ru_stime < 0.3
-    path = tmp_path / "r.attempts.jsonl"
-    record(path, "r", "new", time.time(), 1.5, busy_use, 0)
+    tracked.close(busy_use, 0)
     with open(path, "a") as fh:
         fh.write('{"run": "r", "cpu')  # a kill mid-write
     (entry,) = read_attempts(path)
-    assert entry["cpu_s"] >= 0.55 and (entry["wall_s"], entry["exit"], entry["state"]) == (1.5, 0, "new")
+    assert entry["cpu_s"] >= 0.55 and (entry["exit"], entry["state"], entry["pid"]) == (0, "new", busy.pid)
+    assert 0.55 <= entry["wall_s"] < 30
 
 
 def test_the_attempt_wrapper_records_and_passes_the_exit_status_on(tmp_path):
