@@ -91,6 +91,8 @@ class Tracked:
     clock: float = field(default_factory=time.monotonic)
     """time.monotonic() at launch."""
     last_beat: float = float("-inf")
+    peak_rss_mib: float = 0.0
+    """The largest peak RSS of one of its processes over the beats so far (a process that exited has none)."""
 
     def __post_init__(self) -> None:
         settle(self.path)  # the heartbeat of an earlier attempt nobody reaped is a record before this one beats
@@ -100,8 +102,8 @@ class Tracked:
         now = time.monotonic()
         if now - self.last_beat < HEARTBEAT_S or (usage := tree_usage(self.pid)) is None:
             return
-        self.last_beat = now
-        cpu = (usage.user_s, usage.sys_s, usage.max_rss_mib)
+        self.last_beat, self.peak_rss_mib = now, max(self.peak_rss_mib, usage.max_rss_mib)
+        cpu = (usage.user_s, usage.sys_s, self.peak_rss_mib)
         entry = {**_entry(self.run, self.state, self.pid, self.started, now - self.clock, cpu, None), "lost": True}
         with contextlib.suppress(OSError):
             atomic_write_text(heartbeat_file(self.path), json.dumps(entry) + "\n")

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megamoe.sweep.attempts import Tracked, heartbeat_file, read_attempts, reap, settle
@@ -60,6 +62,16 @@ def test_tree_usage_counts_the_live_descendants_and_the_reaped_children():
     assert tree_usage(root.pid) is None
 
 
+def poll(cond, timeout: float = 30) -> bool:
+    """Poll cond until it holds (True) or timeout passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def beat_of(pid: int, started: str, cpu_s: float) -> dict:
     """What a heartbeat holds (the fields that matter here)."""
     return {"run": "r", "state": "new", "exit": None, "pid": pid, "started": started, "cpu_s": cpu_s, "lost": True}
@@ -96,11 +108,18 @@ def test_the_next_attempt_records_the_heartbeat_of_one_nobody_reaped(tmp_path):
     path = tmp_path / "logs" / "r.attempts.jsonl"
     first = subprocess.Popen([sys.executable, "-S", "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     first.stdout.readline()
-    Tracked(path, "r", "new", first.pid).beat()  # the sweep that tracked it is gone after this
-    beat = json.loads(heartbeat_file(path).read_text())
-    assert (beat["pid"], beat["exit"], beat["lost"]) == (first.pid, None, True) and beat["cpu_s"] >= 0.6
+    tracked = Tracked(path, "r", "new", first.pid)
+    tracked.beat()
+    alive = json.loads(heartbeat_file(path).read_text())
+    assert (alive["pid"], alive["exit"], alive["lost"]) == (first.pid, None, True) and alive["cpu_s"] >= 0.6
+    assert alive["max_rss_mib"] > 1
     os.kill(first.pid, signal.SIGKILL)
-    first.returncode = reap(first.pid, block=True)[0]
+    assert poll(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE)
+    tracked.last_beat = float("-inf")
+    tracked.beat()  # a zombie: its CPU stays, its memory is gone, the peak so far is kept
+    beat = json.loads(heartbeat_file(path).read_text())
+    assert beat["cpu_s"] >= alive["cpu_s"] and beat["max_rss_mib"] == alive["max_rss_mib"]
+    first.returncode = reap(first.pid, block=True)[0]  # the sweep that tracked it is gone
     second = subprocess.Popen([sys.executable, "-S", "-c", "pass"])
     tracked = Tracked(path, "r", "resume", second.pid)
     assert not heartbeat_file(path).exists()
