@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megamoe.sweep.archive import is_done
 from megamoe.sweep.attempts import attempts_file, read_attempts
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.train.metrics import read_metrics
@@ -54,7 +55,7 @@ def run_rows(sweep: Sweep) -> list[dict]:
     rows = []
     for run in sweep.runs:
         path = run.run_dir / "summary.json"
-        if not path.is_file():
+        if not is_done(run.run_dir, run.cfg.train.max_steps):  # none yet, or one a stop (SIGTERM) wrote early
             continue
         summary = json.loads(path.read_text())
         records = read_metrics(run.run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import subprocess
 from pathlib import Path
@@ -100,16 +101,25 @@ def test_local_sweep_skips_resumes_and_collects(data_cache, tiny_data, tmp_path)
 
 
 def collect_beside_runs_in_progress(path, spec, tmp_path):
-    """--collect while seed 3 has logged train steps but no evaluation yet and seed 4 has just made its log."""
-    write_sweep(path, **{**spec, "seeds": [1, 2, 3, 4]})
-    logged = (tmp_path / "s" / "dense-seed1" / "metrics.jsonl").read_text().splitlines()
-    for seed, lines in ((3, [line for line in logged if "train/loss" in line and "eval/loss" not in line]), (4, [])):
+    """--collect while runs are unfinished: seed 3 has logged train steps but no evaluation yet, seed 4 has
+    just made its log, and seed 5 stopped at step 2 of 4 (a SIGTERM stop writes its summary.json early)."""
+    write_sweep(path, **{**spec, "seeds": [1, 2, 3, 4, 5]})
+    seed1 = tmp_path / "s" / "dense-seed1"
+    logged = (seed1 / "metrics.jsonl").read_text().splitlines()
+    stopped = [line for line in logged if json.loads(line)["step"] <= 2]
+    assert any("eval/loss" in line for line in stopped)
+    partial = [line for line in logged if "train/loss" in line and "eval/loss" not in line]
+    for seed, lines in ((3, partial), (4, []), (5, stopped)):
         assert seed == 4 or lines
         (tmp_path / "s" / f"dense-seed{seed}").mkdir()
         (tmp_path / "s" / f"dense-seed{seed}" / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    summary = json.loads((seed1 / "summary.json").read_text())
+    (tmp_path / "s" / "dense-seed5" / "summary.json").write_text(json.dumps({**summary, "step": 2}))
     res = cli("sweep", str(path), "--collect", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "2 of 4 runs not finished" in (tmp_path / "s" / "results.md").read_text()
+    assert "3 of 5 runs not finished" in (tmp_path / "s" / "results.md").read_text()
+    with open(tmp_path / "s" / "results.csv") as fh:
+        assert sorted(r["run"] for r in csv.DictReader(fh)) == ["dense-seed1", "dense-seed2"]
 
 
 def test_slurm_dry_run_prints_a_valid_array_job(tmp_path):
