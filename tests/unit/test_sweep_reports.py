@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from megamoe.sweep.reports import REPORTS, report_function
-from megamoe.sweep.reports.crossover import at_flops, crossover_lines, pair_lines, verdict
+from megamoe.sweep.reports.crossover import at_flops, crossover_lines, delta_series, pair_lines, plot, verdict
 from megamoe.sweep.reports.lory_domains import domain_specialization, js_divergence
 
 
@@ -55,6 +55,22 @@ def test_crossover_is_the_smallest_budget_from_which_the_variant_stays_ahead():
     noise = "10 tokens +0.000 (within noise), 30 tokens +0.000 (within noise)"
     assert flat == f"- **flat**: not ahead through the largest budget; {noise}."
     assert single == "- **single**: no verdict while a budget has one seed; 30 tokens -1.010 (one seed)."
+
+
+def test_delta_series_is_the_difference_of_means_at_the_shared_budgets(tmp_path):
+    """The plot's Δ panel: per shared budget, mean − baseline mean and verdict's SE (nan with one seed)."""
+    data = {
+        "dense": {1: [point(1, 3.0, 10, 1.0), point(2, 3.2, 10, 1.0)], 2: [point(1, 2.0, 20, 2.0)]},
+        "moe": {1: [point(1, 2.9, 10, 1.0), point(2, 2.9, 10, 1.0)], 2: [point(1, 2.5, 20, 2.0)]},
+    }
+    data["moe"][3] = [point(1, 1.0, 30, 3.0)]  # a budget dense lacks
+    ((tokens1, diff1, se1), (tokens2, diff2, se2)) = delta_series(data, "dense")["moe"]
+    # budget 1: means 2.9 and 3.1; SE = √(0/2 + 0.02/2) = 0.1; budget 2: one seed each; budget 3: no dense
+    assert (tokens1, tokens2) == (10, 20) and diff1 == pytest.approx(-0.2) and se1 == pytest.approx(0.1)
+    assert diff2 == pytest.approx(0.5) and math.isnan(se2)
+    assert list(delta_series(data, "dense")) == ["moe"]
+    plot(data, tmp_path / "c.png", "dense")
+    assert (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_pairs_subtract_seed_by_seed_at_the_largest_shared_budget():

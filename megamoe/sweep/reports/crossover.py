@@ -160,27 +160,59 @@ def pair_lines(data: dict[str, dict[int, list[dict]]], pairs: list[list[str]]) -
     return lines
 
 
-def plot(data: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    """Val loss (mean ± sample std over seeds) against tokens and against FLOPs."""
+def delta_series(data: dict[str, dict[int, list[dict]]], baseline: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Per variant but the baseline: (tokens, Δ mean loss vs baseline, its SE: nan with one seed) per shared budget."""
+    base, out = data.get(baseline, {}), {}
+    for variant, budgets in data.items():
+        if variant == baseline:
+            continue
+        shared = sorted(s for s in budgets if s in base)
+        losses = [([r["eval_loss"] for r in budgets[s]], [r["eval_loss"] for r in base[s]]) for s in shared]
+        out[variant] = [(budgets[s][0]["tokens"], *verdict(*pair)[:2]) for s, pair in zip(shared, losses, strict=True)]
+    return out
+
+
+def plot(data: dict[str, dict[int, list[dict]]], path: Path, baseline: str) -> None:
+    """Val loss (mean ± sample std over seeds) against tokens and FLOPs, and its Δ from the baseline against tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for variant, budgets in data.items():
         steps = sorted(budgets)
         y = [_stats([r["eval_loss"] for r in budgets[s]]) for s in steps]
-        for ax, key in zip(axes, ("tokens", "flops"), strict=True):
+        for ax, key in zip(axes, ("tokens", "flops"), strict=False):
             x = [statistics.fmean(r[key] for r in budgets[s]) for s in steps]
             ax.errorbar(x, [m for m, _, _ in y], yerr=[e for _, e, _ in y], marker="o", capsize=3, label=variant)
-    for ax, label in zip(axes, ("training tokens", "training FLOPs"), strict=True):
-        ax.set_xscale("log")
+    for ax, label in zip(axes, ("training tokens", "training FLOPs"), strict=False):
         ax.set_xlabel(label)
         ax.set_ylabel("val loss (mean ± sample std over seeds)")
+    _delta_panel(axes[2], data, baseline)
+    for ax in axes:
+        ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def _delta_panel(ax, data: dict[str, dict[int, list[dict]]], baseline: str) -> None:
+    """Δ loss from the baseline per variant (± SE where both have 2+ seeds), over a band of the baseline's seed std."""
+    base = data.get(baseline, {})
+    steps = sorted(s for s in base if len(base[s]) > 1)
+    if steps:
+        x = [base[s][0]["tokens"] for s in steps]
+        std = [_stats([r["eval_loss"] for r in base[s]])[1] for s in steps]
+        ax.fill_between(x, [-v for v in std], std, color="0.85", label=f"± {baseline} seed std")
+    ax.axhline(0.0, color="0.4", linewidth=0.8)
+    colors = {variant: f"C{index}" for index, variant in enumerate(data)}  # as in the other panels
+    for variant, series in delta_series(data, baseline).items():
+        x, diff, se = zip(*series, strict=True) if series else ((), (), ())
+        yerr = [0.0 if math.isnan(e) else e for e in se]
+        ax.errorbar(x, diff, yerr=yerr, marker="o", capsize=3, label=variant, color=colors[variant])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"Δ val loss vs {baseline} (mean; ± SE)")
 
 
 def report(
@@ -214,5 +246,5 @@ def report(
 
         lines += domain_section(sweep, data, analyze)
     lines.append("")
-    plot(data, out_dir / PLOT)
-    return "\n".join([*lines, f"![val loss against tokens and FLOPs]({PLOT})", ""])
+    plot(data, out_dir / PLOT, baseline)
+    return "\n".join([*lines, f"![val loss against tokens and FLOPs, and its Δ from {baseline}]({PLOT})", ""])
