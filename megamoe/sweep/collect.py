@@ -188,9 +188,11 @@ def totals(sweep: Sweep) -> str:
     """A line on what the sweep's recorded attempts cost, finished runs or not."""
     found = [a for run in sweep.runs for a in read_attempts(attempts_file(sweep.root / "logs", run.name))]
     cpu, wall = sum(a["cpu_s"] for a in found), sum(a["wall_s"] for a in found)
+    lost = sum(bool(a.get("lost")) for a in found)
+    beats = f" ({lost} of them to their last heartbeat: in flight, or killed with their sweep)" if lost else ""
     return (
         f"Cost: {cpu:,.0f} CPU seconds ({cpu / 3600:.2f} CPU hours) and {wall:,.0f} wall seconds "
-        f"over {len(found)} recorded attempts.\n"
+        f"over {len(found)} recorded attempts{beats}.\n"
     )
 
 

@@ -231,5 +231,6 @@ def test_a_sweep_killed_with_its_run_keeps_the_attempt_from_its_heartbeat(data_c
     assert [(a["exit"], a.get("lost", False)) for a in found] == [(None, True), (0, False)], found
     assert found[0] == beat and not beat_path.exists()
     assert run(megamoe("sweep", str(spec), "--collect"), log) == 0, tail(log)
+    assert "(1 of them to their last heartbeat" in (root / "s" / "results.md").read_text()
     row = results(root)[RUNS[0]]
     assert (int(row["attempts"]), float(row["cpu_s"])) == (2, pytest.approx(sum(a["cpu_s"] for a in found), abs=1e-3))

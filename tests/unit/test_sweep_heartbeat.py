@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -15,6 +14,7 @@ import pytest
 
 from megamoe.sweep.attempts import Tracked, heartbeat_file, read_attempts, reap, settle
 from megamoe.utils.proctree import tree_usage
+from tests.faults.procs import poll_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 
@@ -62,16 +62,6 @@ def test_tree_usage_counts_the_live_descendants_and_the_reaped_children():
     assert tree_usage(root.pid) is None
 
 
-def poll(cond, timeout: float = 30) -> bool:
-    """Poll cond until it holds (True) or timeout passes (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def beat_of(pid: int, started: str, cpu_s: float) -> dict:
     """What a heartbeat holds (the fields that matter here)."""
     return {"run": "r", "state": "new", "exit": None, "pid": pid, "started": started, "cpu_s": cpu_s, "lost": True}
@@ -114,7 +104,7 @@ def test_the_next_attempt_records_the_heartbeat_of_one_nobody_reaped(tmp_path):
     assert (alive["pid"], alive["exit"], alive["lost"]) == (first.pid, None, True) and alive["cpu_s"] >= 0.6
     assert alive["max_rss_mib"] > 1
     os.kill(first.pid, signal.SIGKILL)
-    assert poll(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE)
+    assert poll_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE, 30)
     tracked.last_beat = float("-inf")
     tracked.beat()  # a zombie: its CPU stays, its memory is gone, the peak so far is kept
     beat = json.loads(heartbeat_file(path).read_text())
