@@ -125,6 +125,22 @@ def _read_heartbeat(path: Path) -> dict | None:
         return None
 
 
+def in_flight(path: Path, now: float | None = None) -> str:
+    """A line on the run's unsettled heartbeat ('' without one): running if it beat lately, else lost."""
+    beat = _read_heartbeat(path)
+    if beat is None:
+        return ""
+    try:
+        age = (time.time() if now is None else now) - heartbeat_file(path).stat().st_mtime
+    except OSError:
+        return ""
+    so_far = f"{beat['cpu_s']:,.0f} CPU s, {beat['wall_s']:,.0f} wall s"
+    where = f"pid {beat['pid']} on {beat['host']}"
+    if age <= 3 * HEARTBEAT_S:
+        return f"running: {where}, {so_far} so far, heartbeat {age:.0f} s ago"
+    return f"last attempt not reaped ({where}, heartbeat {age / 60:.0f} min old): {so_far} counted"
+
+
 def settle(path: Path) -> None:
     """Append the run's heartbeat, an attempt nobody reaped, to its record (unless recorded) and remove it.
 

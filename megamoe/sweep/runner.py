@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megamoe.errors import MegamoeError
 from megamoe.sweep.archive import archived, export_job_of
-from megamoe.sweep.attempts import Tracked, attempts_file, reap, stop_with_parent
+from megamoe.sweep.attempts import Tracked, attempts_file, in_flight, reap, stop_with_parent
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
 from megamoe.sweep.task import jobs_json
@@ -51,7 +51,7 @@ def train_command(run: Run, state: str | None = None) -> list[str]:
 
 
 def describe(sweep: Sweep) -> list[list[tuple[Run, str]]]:
-    """Per job, each run and a line on it: state, name, run dir, and its part in a budget sweep."""
+    """Per job, each run and a line on it: state, name, run dir, its part in a budget sweep, an attempt in flight."""
     out = []
     for job in sweep.jobs:
         pins = [str(r.branch.step) for r in job if r.branch]
@@ -59,7 +59,9 @@ def describe(sweep: Sweep) -> list[list[tuple[Run, str]]]:
         lines = []
         for run in job:
             role = f"  (branch of {run.branch.trunk} at step {run.branch.step})" if run.branch else keeps
-            lines.append((run, f"{listed_status(sweep, run):7s} {run.name}  {run.run_dir}{role}"))
+            beat = in_flight(attempts_file(sweep.root / "logs", run.name))
+            note = f"  [{beat}]" if beat else ""
+            lines.append((run, f"{listed_status(sweep, run):7s} {run.name}  {run.run_dir}{role}{note}"))
         out.append(lines)
     return out
 

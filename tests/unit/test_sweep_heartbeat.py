@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megamoe.sweep.attempts import Tracked, heartbeat_file, read_attempts, reap, settle
+from megamoe.sweep.attempts import HEARTBEAT_S, Tracked, heartbeat_file, in_flight, read_attempts, reap, settle
 from megamoe.utils.proctree import tree_usage
 from tests.faults.procs import poll_until
 
@@ -91,6 +91,20 @@ def test_a_heartbeat_counts_once_until_settled_and_yields_to_its_reaped_record(t
     assert [a["cpu_s"] for a in read_attempts(path)] == [6.0, 7.0]
     settle(path)
     assert [a["cpu_s"] for a in read_attempts(path)] == [6.0, 7.0] and not beat.exists()
+
+
+def test_the_listing_says_whether_a_heartbeat_is_live_or_left_by_a_killed_sweep(tmp_path):
+    """--dry-run's note: running while the heartbeat is at most 3 beats old, then a lost attempt, counted."""
+    path = tmp_path / "r.attempts.jsonl"
+    assert in_flight(path) == ""
+    beat = {**beat_of(11, "2026-11-30T10:00:00Z", 1234.5), "wall_s": 2000.0, "host": "node1"}
+    heartbeat_file(path).write_text(json.dumps(beat))
+    written = heartbeat_file(path).stat().st_mtime
+    live = in_flight(path, now=written + 2)
+    assert live == "running: pid 11 on node1, 1,234 CPU s, 2,000 wall s so far, heartbeat 2 s ago"
+    assert in_flight(path, now=written + 3 * HEARTBEAT_S).startswith("running")
+    stale = in_flight(path, now=written + 3600)
+    assert stale == "last attempt not reaped (pid 11 on node1, heartbeat 60 min old): 1,234 CPU s, 2,000 wall s counted"
 
 
 def test_the_next_attempt_records_the_heartbeat_of_one_nobody_reaped(tmp_path):
