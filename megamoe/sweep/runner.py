@@ -9,15 +9,20 @@ goes to <sweep root>/logs/<run>.log, and each attempt's wall and CPU seconds to
 A killed sweep is rerun as it was: finished runs are skipped, interrupted ones resume. Each
 running `megamoe train` holds <sweep root>/logs/<run>.lock, so a second sweep of the same file
 waits for it (and says so) instead of training the same run twice; and it gets SIGTERM (save a
-checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun. A trunk
+checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun. A stop
+signal to the sweep (SIGTERM, SIGINT, SIGUSR1) is passed on to its runs; it records them once they
+have checkpointed and exited, and exits 128 + the signal's number. A trunk
 that fails (or stops early) leaves its branches for the rerun; a failed branch does not stop its siblings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,26 +155,76 @@ class _Local:
         self.results[run.name] = 2
 
 
+class SweepStoppedError(MegamoeError):
+    """The sweep was asked to stop (a signal); its runs checkpointed and were recorded."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class _StopRequest:
+    """SIGTERM, SIGINT or SIGUSR1 to the sweep, noted while the sweep runs (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _stop_runs(active: list[Attempt], name: str, echo) -> None:
+    """Pass SIGTERM on to every run in flight (each saves a checkpoint and exits) and start none after them."""
+    echo(f"  {name}: asking {len(active)} runs to checkpoint and stop; a rerun of the sweep resumes them")
+    for attempt in active:
+        attempt.rest = []
+        with contextlib.suppress(ProcessLookupError):
+            attempt.proc.send_signal(signal.SIGTERM)
+
+
 def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
-    """Run every unfinished run, `parallel` jobs at a time; returns each launched run's exit status."""
+    """Run every unfinished run, `parallel` jobs at a time; returns each launched run's exit status.
+
+    A stop signal (SIGTERM, SIGINT, SIGUSR1) is passed on to the runs as SIGTERM; the sweep waits
+    until each has saved its checkpoint and exited, records it, and raises SweepStoppedError.
+    """
     jobs = [todo for job in sweep.jobs if (todo := [r for r in job if status(r) != "done"])]
     count = sum(map(len, jobs))
     echo(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - count} done, {count} to run")
     local = _Local(sweep, parallel, echo)
     local.logs.mkdir(parents=True, exist_ok=True)
     active: list[Attempt] = []
-    while jobs or active:
-        while jobs and len(active) < parallel:
-            if (attempt := local.next_of(jobs.pop(0))) is not None:
-                active.append(attempt)
-        for attempt in list(active):
-            if local.finished(attempt):
-                active.remove(attempt)
-                if (following := local.next_of(attempt.rest)) is not None:
-                    active.append(following)
-                elif export_job_of(sweep, attempt.run):
-                    echo(f"  archived the job of {attempt.run.name} in {sweep.archive}")
-        time.sleep(0.5)
+    with _StopRequest() as stop:
+        while jobs or active:
+            if stop.signum is not None and jobs is not None:
+                _stop_runs(active, signal.Signals(stop.signum).name, echo)
+                jobs = None  # nothing more starts
+            while jobs and len(active) < parallel:
+                if (attempt := local.next_of(jobs.pop(0))) is not None:
+                    active.append(attempt)
+            for attempt in list(active):
+                if local.finished(attempt):
+                    active.remove(attempt)
+                    if (following := local.next_of(attempt.rest)) is not None:
+                        active.append(following)
+                    elif export_job_of(sweep, attempt.run):
+                        echo(f"  archived the job of {attempt.run.name} in {sweep.archive}")
+            time.sleep(0.5)
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        raise SweepStoppedError(f"sweep {sweep.name}: stopped by {name}; rerun it to resume", stop.signum)
     return local.results
 
 

@@ -234,3 +234,27 @@ def test_a_sweep_killed_with_its_run_keeps_the_attempt_from_its_heartbeat(data_c
     assert "(1 of them to their last heartbeat" in (root / "s" / "results.md").read_text()
     row = results(root)[RUNS[0]]
     assert (int(row["attempts"]), float(row["cpu_s"])) == (2, pytest.approx(sum(a["cpu_s"] for a in found), abs=1e-3))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_checkpoints_its_run_records_it_and_starts_no_more(data_cache, tiny_data, tmp_path):
+    """SIGTERM to the sweep process alone: its run saves and stops, is reaped and recorded; exit 143.
+
+    Before, the sweep died at once: the run stopped on its parent's death signal, but nobody
+    recorded the attempt, and a scheduler's SIGTERM to a local sweep lost it the same way.
+    """
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache, steps=1000)), "--parallel", "1")
+    proc = launch(sweep, log)
+    run_dir, logs = root / "s" / RUNS[0], root / "s" / "logs"
+    assert poll_until(lambda: _logged_step(run_dir) >= 3, 300), tail(log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM, tail(log)
+    assert settled(proc), "a process of the stopped sweep lived on"
+    assert "SIGTERM: asking 1 runs to checkpoint and stop" in tail(log)
+    assert "sweep s: stopped by SIGTERM; rerun it to resume" in tail(log)
+    assert f"start {RUNS[1]}" not in tail(log) and _state(run_dir, steps=1000) == "resume"
+    assert "stopped by SIGTERM" in _text(logs / f"{RUNS[0]}.log")
+    (attempt,) = read_attempts(logs / f"{RUNS[0]}.attempts.jsonl")
+    assert (attempt["state"], attempt["exit"], attempt.get("lost", False)) == ("new", 0, False)
+    assert not (logs / f"{RUNS[0]}.inflight.json").exists()
