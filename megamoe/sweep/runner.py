@@ -122,8 +122,8 @@ class _Local:
             with open(self.logs / f"{run.name}.log", "a") as log:
                 proc = subprocess.Popen(
                     train_command(run, state), stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                    pass_fds=(lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()),
-                )  # fmt: skip
+                    pass_fds=(lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()), start_new_session=True,
+                )  # fmt: skip  # its own session: a terminal's Ctrl-C reaches the sweep, which stops it cleanly
             note_holder(lock, f"megamoe train pid {proc.pid}, started by sweep pid {os.getpid()}")
             tracked = Tracked(attempts_file(self.logs, run.name), run.name, state, proc.pid)  # under the lock
             return Attempt(run, state, proc, tracked, rest)

@@ -61,9 +61,14 @@ def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
+SIGNALLED: dict[int, list[psutil.Process]] = {}
+"""pid of a command → its descendants when signal_group last reached them (some run in sessions of their own)."""
+
+
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Send sig to every process of proc's session and to all its descendants (ignored where gone)."""
     tree = descendants(proc)
+    SIGNALLED.setdefault(proc.pid, []).extend(tree)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     for child in tree:
@@ -131,8 +136,8 @@ def group_gone(proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def settled(proc: subprocess.Popen, timeout: float = 10) -> bool:
-    """Every process of proc's group has exited (then it is forgotten: its pgid may be reused)."""
-    gone = group_gone(proc, timeout)
+    """Every process of proc's group, and every descendant signal_group reached, has exited (then it is forgotten)."""
+    gone = group_gone(proc, timeout) and all_gone(SIGNALLED.pop(proc.pid, []), timeout)
     if gone and proc in STARTED:
         STARTED.remove(proc)
     return gone

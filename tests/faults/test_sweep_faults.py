@@ -11,6 +11,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import os
 import random
 import signal
 import time
@@ -21,7 +22,18 @@ import pytest
 import yaml
 
 from megamoe.sweep.attempts import HEARTBEAT_S, read_attempts
-from tests.faults.procs import descendants, kill_when, launch, megamoe, poll_until, run, settled, signal_group, tail
+from tests.faults.procs import (
+    all_gone,
+    descendants,
+    kill_when,
+    launch,
+    megamoe,
+    poll_until,
+    run,
+    settled,
+    signal_group,
+    tail,
+)
 from tests.util import TINY
 
 RUNS = ("dense-seed1", "dense-seed2")
@@ -170,9 +182,11 @@ def test_a_killed_sweep_process_takes_its_training_run_with_it(data_cache, tiny_
     proc = launch(sweep, log)
     run_dir = root / "s" / RUNS[0]
     assert poll_until(lambda: "step 3/1000" in _text(root / "s" / "logs" / f"{RUNS[0]}.log"), 300), tail(log)
+    (train,) = descendants(proc)
     proc.send_signal(signal.SIGKILL)  # the sweep process only; its training child is left to its own devices
     proc.wait()
-    assert settled(proc, 60), "the training run trained on as an orphan after its sweep was killed"
+    assert all_gone([train], 60), "the training run trained on as an orphan after its sweep was killed"
+    assert settled(proc)
     assert _state(run_dir, steps=1000) == "resume", "the stopped run saved no checkpoint"
     assert "SIGTERM" in _text(root / "s" / "logs" / f"{RUNS[0]}.log")
 
@@ -237,22 +251,28 @@ def test_a_sweep_killed_with_its_run_keeps_the_attempt_from_its_heartbeat(data_c
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_sweep_checkpoints_its_run_records_it_and_starts_no_more(data_cache, tiny_data, tmp_path):
-    """SIGTERM to the sweep process alone: its run saves and stops, is reaped and recorded; exit 143.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm-to-the-sweep", "ctrl-c-to-its-group"])
+def test_a_stop_signal_checkpoints_the_run_records_it_and_starts_no_more(data_cache, tiny_data, tmp_path, sig):
+    """SIGTERM to the sweep process, or SIGINT to its process group (a terminal's Ctrl-C): exit 128 + N.
 
-    Before, the sweep died at once: the run stopped on its parent's death signal, but nobody
-    recorded the attempt, and a scheduler's SIGTERM to a local sweep lost it the same way.
+    Its run saves and stops, is reaped and recorded. Before, the sweep died at once: on SIGTERM the
+    run stopped on its parent's death signal with nobody to record it, and on Ctrl-C the run got
+    SIGINT too and died without a checkpoint (it now has a session of its own).
     """
     root, log = tmp_path / "out", tmp_path / "sweep.log"
     sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache, steps=1000)), "--parallel", "1")
     proc = launch(sweep, log)
     run_dir, logs = root / "s" / RUNS[0], root / "s" / "logs"
     assert poll_until(lambda: _logged_step(run_dir) >= 3, 300), tail(log)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == 128 + signal.SIGTERM, tail(log)
-    assert settled(proc), "a process of the stopped sweep lived on"
-    assert "SIGTERM: asking 1 runs to checkpoint and stop" in tail(log)
-    assert "sweep s: stopped by SIGTERM; rerun it to resume" in tail(log)
+    descendants_before = descendants(proc)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # the sweep's process group, as a terminal sends it
+    else:
+        proc.send_signal(sig)
+    assert proc.wait(120) == 128 + sig, tail(log)
+    assert all_gone(descendants_before, 30), "a process of the stopped sweep lived on"
+    assert f"{sig.name}: asking 1 runs to checkpoint and stop" in tail(log)
+    assert f"sweep s: stopped by {sig.name}; rerun it to resume" in tail(log)
     assert f"start {RUNS[1]}" not in tail(log) and _state(run_dir, steps=1000) == "resume"
     assert "stopped by SIGTERM" in _text(logs / f"{RUNS[0]}.log")
     (attempt,) = read_attempts(logs / f"{RUNS[0]}.attempts.jsonl")
