@@ -34,6 +34,8 @@ from megamoe.utils.proctree import tree_usage
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_S = 10.0
 """Seconds between two heartbeats of an attempt: what a killed sweep's record of it may miss."""
+POLL_S = 0.5
+"""How often a sweep or an attempt wrapper checks whether a run has exited (and beats)."""
 
 
 def attempts_file(logs: Path, run_name: str) -> Path:

@@ -22,17 +22,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from megamoe.errors import MegamoeError
 from megamoe.sweep.archive import archived, export_job_of
-from megamoe.sweep.attempts import Tracked, attempts_file, in_flight, reap, stop_with_parent
+from megamoe.sweep.attempts import POLL_S, Tracked, attempts_file, in_flight, reap, stop_with_parent
 from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
 from megamoe.sweep.task import jobs_json
+from megamoe.train.preempt import PreemptionFlag
 from megamoe.utils.locks import note_holder, open_locked
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
@@ -155,34 +155,16 @@ class _Local:
         self.results[run.name] = 2
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""What stops a local sweep (a scheduler's stop, a terminal's Ctrl-C, SLURM's preemption notice)."""
+
+
 class SweepStoppedError(MegamoeError):
     """The sweep was asked to stop (a signal); its runs checkpointed and were recorded."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_status = 128 + signum
-
-
-class _StopRequest:
-    """SIGTERM, SIGINT or SIGUSR1 to the sweep, noted while the sweep runs (main thread only)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _stop_runs(active: list[Attempt], name: str, echo) -> None:
@@ -206,7 +188,7 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
     local = _Local(sweep, parallel, echo)
     local.logs.mkdir(parents=True, exist_ok=True)
     active: list[Attempt] = []
-    with _StopRequest() as stop:
+    with PreemptionFlag(STOP_SIGNALS) as stop:
         while jobs or active:
             if stop.signum is not None and jobs is not None:
                 _stop_runs(active, signal.Signals(stop.signum).name, echo)
@@ -221,7 +203,7 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
                         active.append(following)
                     elif export_job_of(sweep, attempt.run):
                         echo(f"  archived the job of {attempt.run.name} in {sweep.archive}")
-            time.sleep(0.5)
+            time.sleep(POLL_S)
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         raise SweepStoppedError(f"sweep {sweep.name}: stopped by {name}; rerun it to resume", stop.signum)

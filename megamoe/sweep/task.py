@@ -25,11 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from megamoe.sweep.attempts import Tracked, attempts_file, reap, stop_with_parent
+from megamoe.sweep.attempts import POLL_S, Tracked, attempts_file, reap, stop_with_parent
 from megamoe.sweep.spec import Branch, Run, Sweep
-
-POLL_S = 0.5
-"""How often an attempt checks whether its command has exited (and beats)."""
 
 
 def jobs_json(sweep: Sweep) -> str:

@@ -20,13 +20,16 @@ class PreemptionFlag:
     one, instead of training on as an orphan beside a restarted run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = SIGNALS) -> None:
         self.signal_name: str | None = None
+        self.signum: int | None = None
+        """The signal that arrived (None before one, and for the launcher's death)."""
+        self._signals = signals
         self._previous: dict[int, object] = {}
         self._parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name, self.signum = signal.Signals(signum).name, signum
 
     @property
     def raised(self) -> bool:
@@ -36,7 +39,7 @@ class PreemptionFlag:
         return self.signal_name is not None
 
     def __enter__(self) -> PreemptionFlag:
-        for sig in SIGNALS:
+        for sig in self._signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
