@@ -33,7 +33,7 @@ from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
 from megamoe.sweep.task import jobs_json
 from megamoe.train.preempt import PreemptionFlag
-from megamoe.utils.locks import note_holder, open_locked
+from megamoe.utils.locks import LockWaitAbandonedError, note_holder, open_locked
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
 
@@ -86,17 +86,20 @@ class Attempt:
 class _Local:
     """The processes of a local sweep: launch, reap and record them, one job's runs after another."""
 
-    def __init__(self, sweep: Sweep, parallel: int, echo):
-        self.logs, self.echo = sweep.root / "logs", echo
+    def __init__(self, sweep: Sweep, parallel: int, echo, stop: PreemptionFlag):
+        self.logs, self.echo, self.stop = sweep.root / "logs", echo, stop
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
         self.results: dict[str, int] = {}
 
     def next_of(self, job: list[Run]) -> Attempt | None:
-        """Launch the job's next unfinished run; None when none is left."""
-        while job:
+        """Launch the job's next unfinished run; None when none is left or a stop signal has come."""
+        while job and self.stop.signum is None:
             run, job = job[0], job[1:]
             try:
                 attempt = self.launch(run, job)
+            except LockWaitAbandonedError:  # a stop signal came while another sweep ran this run
+                self.echo(f"  not started: {run.name} (stopped while waiting for its lock)")
+                return None
             except MegamoeError as err:  # a branch whose trunk lacks its checkpoint: the others go on
                 self.fail(run, f"{err}")
                 continue
@@ -110,7 +113,7 @@ class _Local:
         def waiting(seconds: float, holder: str) -> None:
             self.echo(f"  waiting ({seconds:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
 
-        lock = open_locked(self.logs / f"{run.name}.lock", waiting)
+        lock = open_locked(self.logs / f"{run.name}.lock", waiting, give_up=lambda: self.stop.signum is not None)
         try:
             fresh = status(run)
             state = start_state(run.run_dir, run.cfg.train.max_steps, run.branch)  # again, under the lock
@@ -185,15 +188,15 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
     jobs = [todo for job in sweep.jobs if (todo := [r for r in job if status(r) != "done"])]
     count = sum(map(len, jobs))
     echo(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - count} done, {count} to run")
-    local = _Local(sweep, parallel, echo)
-    local.logs.mkdir(parents=True, exist_ok=True)
     active: list[Attempt] = []
     with PreemptionFlag(STOP_SIGNALS) as stop:
+        local = _Local(sweep, parallel, echo, stop)
+        local.logs.mkdir(parents=True, exist_ok=True)
         while jobs or active:
             if stop.signum is not None and jobs is not None:
                 _stop_runs(active, signal.Signals(stop.signum).name, echo)
                 jobs = None  # nothing more starts
-            while jobs and len(active) < parallel:
+            while jobs and len(active) < parallel and stop.signum is None:
                 if (attempt := local.next_of(jobs.pop(0))) is not None:
                     active.append(attempt)
             for attempt in list(active):

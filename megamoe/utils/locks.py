@@ -19,6 +19,12 @@ from typing import IO
 from megamoe.errors import MegamoeError
 
 log = logging.getLogger(__name__)
+
+
+class LockWaitAbandonedError(MegamoeError):
+    """open_locked stopped waiting because its give_up() turned true."""
+
+
 LOCK_POLL_S, LOCK_REMINDER_S = 0.2, 60.0
 """How often a waiter retries a busy lock, and how often it says again that it is still waiting."""
 _held: dict[Path, IO[str]] = {}
@@ -41,11 +47,13 @@ def open_locked(
     waiting: Callable[[float, str], None],
     remind_s: float = LOCK_REMINDER_S,
     timeout_s: float | None = None,
+    give_up: Callable[[], bool] | None = None,
 ) -> IO[str]:
     """Open path and take an exclusive lock on it; closing the returned file (or dying) releases it.
 
     While another process holds it, waiting(seconds so far, holder note) is called at once and then
-    every remind_s seconds; after timeout_s (if given) a MegamoeError names the holder.
+    every remind_s seconds; after timeout_s (if given) a MegamoeError names the holder. A waiter
+    whose give_up() turns true (a stop signal arrived) stops waiting with LockWaitAbandonedError.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - the caller closes it; "a+" so a waiter never truncates the note
@@ -62,6 +70,9 @@ def open_locked(
         if timeout_s is not None and waited > timeout_s:
             fh.close()
             raise MegamoeError(f"{path}: waited {waited:.0f} s for {holder}; if it is stuck, kill it and start again")
+        if give_up is not None and give_up():
+            fh.close()
+            raise LockWaitAbandonedError(f"{path}: stopped waiting for {holder} after {waited:.0f} s")
         if waited >= next_note:
             waiting(waited, holder)
             next_note = waited + remind_s

@@ -214,6 +214,29 @@ def test_a_second_sweep_waits_for_a_run_in_progress_and_says_so(data_cache, tiny
 
 
 @pytest.mark.slow
+def test_a_stop_signal_ends_the_wait_for_a_run_lock_at_once(data_cache, tiny_data, tmp_path):
+    """SIGTERM to a sweep waiting for another sweep's run: it stops waiting and exits 143, starting nothing.
+
+    Before, the signal was only noted, and acted on once the other sweep's run ended (hours, for a
+    study's run). 20 s is far below the 60 s between the wait's reminders, and far above the 0.2 s
+    the waiter sleeps between tries of the lock.
+    """
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
+    lock = root / "s" / "logs" / f"{RUNS[0]}.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as held:  # what the other sweep's training process holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = launch(sweep, log)
+        assert poll_until(lambda: "waiting" in tail(log), 120), tail(log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM, tail(log)
+    assert f"not started: {RUNS[0]} (stopped while waiting for its lock)" in tail(log)
+    assert "sweep s: stopped by SIGTERM; rerun it to resume" in tail(log)
+    assert "start " not in tail(log) and not (root / "s" / RUNS[0]).exists()
+
+
+@pytest.mark.slow
 def test_a_sweep_killed_with_its_run_keeps_the_attempt_from_its_heartbeat(data_cache, tiny_data, tmp_path):
     """kill -9 to the sweep and its training run: the attempt counts, from its last heartbeat, exactly once.
 
