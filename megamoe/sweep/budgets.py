@@ -35,6 +35,22 @@ def parse_budgets(path: Path, spec: dict) -> tuple[int, ...] | None:
     return tuple(raw)
 
 
+def parse_largest_only(path: Path, spec: dict, budgets: tuple[int, ...] | None) -> list[int]:
+    """The seeds trained at the largest budget only (a trunk without branches); [] without the key."""
+    raw = spec.get("largest_budget_seeds")
+    if raw is None:
+        return []
+    key = f"{path}: largest_budget_seeds"
+    if budgets is None or not spec.get("seeds"):
+        raise ConfigError(key, "needs budgets and seeds: it adds seeds at the largest budget only")
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+        raise ConfigError(key, f"must be a non-empty list of integer seeds, got {raw!r}")
+    both = sorted(set(raw) & set(spec.get("seeds") or []))
+    if both or len(set(raw)) != len(raw):
+        raise ConfigError(key, f"must be distinct seeds not in seeds (those run at every budget already), got {raw}")
+    return list(raw)
+
+
 def budget_problem(cfg: Config, budgets: tuple[int, ...]) -> str | None:
     """Why a run's config cannot take part in a budget sweep (None: it can)."""
     from megamoe.train.upcycle import warmup_steps  # Lory's dense warm-up: ⌊fraction · max_steps⌋

@@ -12,6 +12,7 @@ A sweep YAML holds:
   zip: {optim.lr: [1e-3, 3e-3], optim.warmup_steps: [10, 20]}   # taken together, position by position
   seeds: [1, 2, 3]             # train.seed of each run (default [train.seed of the config])
   budgets: [500, 1000, 2000]   # optional: train.max_steps of each run; WSD cooldown branches (budgets.py)
+  largest_budget_seeds: [4]    # optional, with budgets: more seeds, each a trunk alone (the largest budget)
   reports: [balance, {crossover: {baseline: dense}}]   # optional: study reports --collect adds (reports/)
   archive: ../../docs/records/study   # optional: finished jobs' records, checkpoints left out (archive.py)
 Every run is named after what it varies: `<variant>-<key>=<value>…-seed<s>` (keys by their last
@@ -30,10 +31,13 @@ import yaml
 
 from megamoe.config import Config, load_config
 from megamoe.errors import ConfigError
-from megamoe.sweep.budgets import budget_problem, parse_budgets
+from megamoe.sweep.budgets import budget_problem, parse_budgets, parse_largest_only
 from megamoe.sweep.reports import REPORTS
 
-SWEEP_KEYS = {"name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets", "reports", "archive"}
+SWEEP_KEYS = {
+    "name", "out", "config", "overrides", "variants", "grid", "zip", "seeds", "budgets", "largest_budget_seeds",
+    "reports", "archive",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,12 @@ class _Point:
         return Run(name, self.variant, self.config, overrides, cfg.train.seed, run_dir, cfg, group)
 
 
-def _budget_runs(point: _Point, budgets: tuple[int, ...]) -> list[Run]:
-    """The trunk (the largest budget, keeping every branch point), then one cooldown branch per smaller budget."""
-    *smaller, largest = budgets
+def _budget_runs(point: _Point, budgets: tuple[int, ...], with_branches: bool = True) -> list[Run]:
+    """The trunk (the largest budget, keeping every branch point), then one cooldown branch per smaller budget.
+
+    with_branches=False: the trunk alone (a seed of largest_budget_seeds), with no branch points to keep.
+    """
+    *smaller, largest = budgets if with_branches else budgets[-1:]
     trunk = f"{point.name}-steps{largest}"
     branches = []
     for steps in smaller:
@@ -192,9 +199,11 @@ def load_sweep(path: Path) -> Sweep:
     base = _resolve(path, spec.get("config"))
     common = [str(o) for o in spec.get("overrides", [])]
     budgets = parse_budgets(path, spec)
+    seeds = [(seed, True) for seed in spec.get("seeds") or [None]]
+    seeds += [(seed, False) for seed in parse_largest_only(path, spec, budgets)]
     runs = []
     # Seed-major: an interrupted sweep has compared every variant on its first seed before any second seed.
-    for seed in spec.get("seeds") or [None]:
+    for seed, every_budget in seeds:
         for variant, (config, extra) in _variants(path, spec, base).items():
             for items in _axes(path, spec):
                 axis = [f"{k}={v}" for k, v in items]
@@ -202,7 +211,7 @@ def load_sweep(path: Path) -> Sweep:
                 run_name = group + (f"-seed{seed}" if seed is not None else "")
                 seeded = [f"train.seed={seed}"] if seed is not None else []
                 point = _Point(path, root, variant, config, run_name, group, (*common, *extra, *axis, *seeded))
-                runs += _budget_runs(point, budgets) if budgets else [point.run(run_name, group, [])]
+                runs += _budget_runs(point, budgets, every_budget) if budgets else [point.run(run_name, group, [])]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise _err(path, "variants", "two runs would share a name; give variants distinct names")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -52,6 +53,26 @@ def test_one_budget_is_a_plain_wsd_run(tmp_path):
     assert run.name == "base-steps100" and run.branch is None and run.cfg.train.checkpoint_steps == []
 
 
+def test_largest_budget_seeds_add_a_trunk_alone_per_variant_after_the_other_seeds(tmp_path):
+    spec = {"budgets": [100, 200, 400], "seeds": [1, 2], "largest_budget_seeds": [3], "variants": {"a": [], "b": []}}
+    sweep = load_sweep(sweep_file(tmp_path, **spec))
+    assert len(sweep.runs) == 14 and [len(job) for job in sweep.jobs] == [3, 3, 3, 3, 1, 1]
+    extra = [job[0] for job in sweep.jobs[4:]]
+    assert [r.name for r in extra] == ["a-seed3-steps400", "b-seed3-steps400"]
+    assert [r.group for r in extra] == ["a-steps400", "b-steps400"]  # reported with seeds 1 and 2 at 400 steps
+    (trunk,) = [r for r in sweep.runs if r.name == "a-seed1-steps400"]
+    assert (extra[0].cfg.train.seed, extra[0].cfg.train.max_steps, extra[0].branch) == (3, 400, None)
+    assert extra[0].cfg.train.checkpoint_steps == [] and trunk.cfg.train.checkpoint_steps == [80, 160]
+    same = {f.name for f in dataclasses.fields(trunk.cfg)} - {"train"}  # the trunk's config but its seed and pins
+    assert all(getattr(extra[0].cfg, f) == getattr(trunk.cfg, f) for f in same)
+    differs = {
+        f.name
+        for f in dataclasses.fields(trunk.cfg.train)
+        if getattr(trunk.cfg.train, f.name) != getattr(extra[0].cfg.train, f.name)
+    }
+    assert differs == {"seed", "checkpoint_steps", "name", "run_dir"}
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
@@ -80,6 +101,11 @@ def test_one_budget_is_a_plain_wsd_run(tmp_path):
             {"budgets": [100, 200], "overrides": [*WSD, "moe.routing=lory", "moe.segment_length=64"]},
             r"budgets: run base-steps200: Lory's dense warm-up .* differs between budgets: \{10, 5\}",
         ),
+        ({"seeds": [1], "largest_budget_seeds": [2]}, r"s.yaml: largest_budget_seeds: needs budgets and seeds"),
+        ({"budgets": [100], "largest_budget_seeds": [2]}, r"largest_budget_seeds: needs budgets and seeds"),
+        ({"budgets": [100], "seeds": [1], "largest_budget_seeds": 2}, r"must be a non-empty list of integer seeds"),
+        ({"budgets": [100], "seeds": [1], "largest_budget_seeds": [2, 1]}, r"must be distinct seeds not in seeds"),
+        ({"budgets": [100], "seeds": [1], "largest_budget_seeds": [2, 2]}, r"must be distinct seeds not in seeds"),
     ],
 )
 def test_bad_budget_sweeps_name_the_file_and_key(tmp_path, spec, match):
