@@ -1,0 +1,30 @@
+"""docs/results.md's crossover table is what `--collect` makes of the study's record (issue 18, part 5).
+
+The record (docs/records/crossover) holds every finished run of configs/sweeps/crossover.yaml without
+its checkpoints. A collect on a fresh working directory restores it and writes the report; the table
+in docs/results.md must be that report's table, line for line, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from tests.e2e.test_train import REPO, cli
+
+SWEEP = REPO / "configs" / "sweeps" / "crossover.yaml"
+
+
+def first_table(markdown: str) -> list[str]:
+    """The lines of the first markdown table in a text."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_the_crossover_table_in_results_md_regenerates_from_the_record(tmp_path):
+    res = cli("sweep", str(SWEEP), "--collect", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "restored" in res.stdout, res.stdout
+    table = first_table((tmp_path / "runs" / "sweeps" / "crossover" / "report_crossover.md").read_text())
+    assert len(table) > 2, table
+    docs = (REPO / "docs" / "results.md").read_text()
+    assert "\n".join(table) in docs, "docs/results.md's crossover table differs from the record's:\n" + "\n".join(table)
