@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from megamoe.sweep.reports import REPORTS, report_function
-from megamoe.sweep.reports.crossover import at_flops, crossover_lines, delta_series, pair_lines, plot, verdict
+from megamoe.sweep.reports.crossover import (
+    at_flops,
+    crossover_lines,
+    delta_series,
+    equal_flops_delta,
+    pair_lines,
+    plot,
+    verdict,
+)
 from megamoe.sweep.reports.lory_domains import domain_specialization, js_divergence
 
 
@@ -35,6 +43,17 @@ def test_at_flops_interpolates_in_log_flops_and_refuses_to_extrapolate():
     assert math.isnan(at_flops(base, 1e15)) and math.isnan(at_flops(base, 1e11))
     assert at_flops(base, 1.005e14) == pytest.approx(2.0)  # a router's extra FLOPs: within FLOPS_SLACK (1%)
     assert math.isnan(at_flops(base, 1.02e14))
+
+
+def test_equal_flops_delta_interpolates_the_other_curve_where_the_baselines_ends():
+    base = {100: [point(1, 3.0, 100, 1e12)], 1000: [point(1, 2.0, 1000, 1e14)]}
+    moe = {100: [point(1, 2.9, 100, 1.1e12)], 1000: [point(1, 1.9, 1000, 1.2e14)]}  # 10% and 20% more FLOPs
+    data = {"dense": base, "moe": moe, "one": {1000: [point(1, 1.9, 1000, 1.2e14)]}}
+    inside = 2.9 - (3.0 - math.log(1.1) / math.log(100))  # dense's curve at the MoE's 1.1e12 FLOPs
+    assert equal_flops_delta(data, "moe", "dense", 100) == f"{inside:+.3f}"
+    frac = math.log(1e14 / 1.1e12) / math.log(1.2e14 / 1.1e12)  # the MoE's curve at dense's 1e14 FLOPs
+    assert equal_flops_delta(data, "moe", "dense", 1000) == f"{2.9 - frac - 2.0:+.3f} †"
+    assert equal_flops_delta(data, "one", "dense", 1000) == "—"  # one budget: nothing to interpolate
 
 
 def test_crossover_is_the_smallest_budget_from_which_the_variant_stays_ahead():

@@ -89,6 +89,22 @@ def at_flops(base: dict[int, list[dict]], flops: float) -> float:
     return float(np.interp(math.log(flops), logs, losses)) if inside else float("nan")
 
 
+def equal_flops_delta(data: dict[str, dict[int, list[dict]]], variant: str, baseline: str, steps: int) -> str:
+    """Δ mean loss at equal FLOPs: the variant at this budget against the baseline's curve at its FLOPs.
+
+    Where those FLOPs lie beyond the baseline's budgets (a router's or a merge's extra FLOPs at the
+    largest budget), the variant's own curve at the baseline's FLOPs of this budget instead, marked †;
+    both interpolate (at_flops), neither extrapolates, and '—' is left where neither can.
+    """
+    mine, base = data[variant][steps], data[baseline][steps]
+    loss, flops = (statistics.fmean(r[k] for r in mine) for k in ("eval_loss", "flops"))
+    if not math.isnan(diff := loss - at_flops(data[baseline], flops)):
+        return f"{diff:+.3f}"
+    base_loss, base_flops = (statistics.fmean(r[k] for r in base) for k in ("eval_loss", "flops"))
+    diff = at_flops(data[variant], base_flops) - base_loss
+    return "—" if math.isnan(diff) else f"{diff:+.3f} †"
+
+
 def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[str]:
     """One row per (budget, variant)."""
     lines = [
@@ -106,9 +122,8 @@ def budget_table(data: dict[str, dict[int, list[dict]]], baseline: str) -> list[
             cells = ["—", "—", "—"]
             if variant != baseline and steps in data.get(baseline, {}):
                 diff, se, word = verdict([r["eval_loss"] for r in rs], [r["eval_loss"] for r in data[baseline][steps]])
-                equal = loss[0] - at_flops(data[baseline], flops)  # nan beyond the baseline's FLOPs
                 delta = f"{diff:+.3f}" if math.isnan(se) else f"{diff:+.3f} ± {se:.3f}"
-                cells = [delta, word, "—" if math.isnan(equal) else f"{equal:+.3f}"]
+                cells = [delta, word, equal_flops_delta(data, variant, baseline, steps)]
             hours = [statistics.fmean(r[k] for r in rs) / 3600 for k in ("cpu_total_s", "wall_total_s")]
             lines.append(
                 f"| {steps} | {rs[0]['tokens']:,} | {variant} | {len(rs)} | {flops:.3g} | {_cell(loss, 3)} "
@@ -228,7 +243,9 @@ def report(
         f"Every variant against **{baseline}** at each budget: mean ± sample std over seeds; Δ is the",
         "difference of the means with its standard error √(s²/n + s²/n), 'ahead' or 'behind' when it",
         f"exceeds {Z:g} standard errors. 'Δ loss at equal FLOPs' compares with {baseline}'s loss",
-        "interpolated (linear in log FLOPs) at the variant's FLOPs ('—' beyond its budgets). CPU and wall",
+        "interpolated (linear in log FLOPs) at the variant's FLOPs; where those lie beyond its budgets,",
+        f"the variant's own loss interpolated at {baseline}'s FLOPs of that budget (†; '—' where neither",
+        "is inside the other's budgets, as nothing is extrapolated). CPU and wall",
         "hours are per run (mean over seeds), summed over its attempts, and a branch's include its trunk's",
         "share up to the branch point; wall hours also count time a run waited on a shared or paused machine.",
         "",
