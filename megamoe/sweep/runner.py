@@ -8,7 +8,8 @@ goes to <sweep root>/logs/<run>.log, and each attempt's wall and CPU seconds to
 
 A killed sweep is rerun as it was: finished runs are skipped, interrupted ones resume. Each
 running `megamoe train` holds <sweep root>/logs/<run>.lock, so a second sweep of the same file
-waits for it (and says so) instead of training the same run twice; and it gets SIGTERM (save a
+never trains the same run twice: it goes on with the jobs nobody holds and comes back to the held
+one (saying whom it waits for), so several sweeps of one file share its jobs. The run gets SIGTERM (save a
 checkpoint and stop) if the sweep process dies, so no orphan trains on beside a rerun. A stop
 signal to the sweep (SIGTERM, SIGINT, SIGUSR1) is passed on to its runs; it records them once they
 have checkpointed and exited, and exits 128 + the signal's number. A trunk
@@ -18,6 +19,7 @@ that fails (or stops early) leaves its branches for the rerun; a failed branch d
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -33,7 +35,7 @@ from megamoe.sweep.spec import Run, Sweep
 from megamoe.sweep.state import run_state, start_state
 from megamoe.sweep.task import jobs_json
 from megamoe.train.preempt import PreemptionFlag
-from megamoe.utils.locks import LockWaitAbandonedError, note_holder, open_locked
+from megamoe.utils.locks import LOCK_REMINDER_S, note_holder, try_lock
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sweep_array.sbatch"
 
@@ -87,33 +89,74 @@ class _Local:
     """The processes of a local sweep: launch, reap and record them, one job's runs after another."""
 
     def __init__(self, sweep: Sweep, parallel: int, echo, stop: PreemptionFlag):
-        self.logs, self.echo, self.stop = sweep.root / "logs", echo, stop
+        self.logs, self.echo, self.stop, self.parallel = sweep.root / "logs", echo, stop, parallel
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
         self.results: dict[str, int] = {}
+        self.waits: dict[str, tuple[float, float]] = {}
+        """Runs another sweep holds: when this sweep first found them held, and last said so."""
 
-    def next_of(self, job: list[Run]) -> Attempt | None:
-        """Launch the job's next unfinished run; None when none is left or a stop signal has come."""
+    def fill(self, pending: list[list[Run]], active: list[Attempt]) -> list[list[Run]]:
+        """Start pending jobs' next runs into the free slots, in order; returns the jobs still pending.
+
+        A job whose next run another sweep is training keeps its place and is tried again on the next
+        call, while the jobs after it may start: the sweep never blocks on a lock.
+        """
+        left = []
+        for job in pending:
+            if len(active) >= self.parallel or self.stop.signum is not None:
+                left.append(job)
+                continue
+            attempt, held = self.next_of(job)
+            if attempt is not None:
+                active.append(attempt)
+            elif held:
+                left.append(held)
+        return left
+
+    def next_of(self, job: list[Run]) -> tuple[Attempt | None, list[Run]]:
+        """Launch the job's next unfinished run: (its attempt, []), or (None, the job from a run another sweep holds).
+
+        (None, []) when none is left, or a stop signal has come.
+        """
         while job and self.stop.signum is None:
-            run, job = job[0], job[1:]
+            run, rest = job[0], job[1:]
             try:
-                attempt = self.launch(run, job)
-            except LockWaitAbandonedError:  # a stop signal came while another sweep ran this run
-                self.echo(f"  not started: {run.name} (stopped while waiting for its lock)")
-                return None
+                attempt = self.launch(run, rest)
             except MegamoeError as err:  # a branch whose trunk lacks its checkpoint: the others go on
                 self.fail(run, f"{err}")
-                continue
+                attempt = None
+            if isinstance(attempt, str):
+                self.held(run, attempt)
+                return None, job
             if attempt is not None:
-                return attempt
-        return None
+                return attempt, []
+            job = rest
+        return None, []
 
-    def launch(self, run: Run, rest: list[Run]) -> Attempt | None:
-        """Start one run's `megamoe train` holding the run's lock; None if it turned out done meanwhile."""
+    def held(self, run: Run, holder: str) -> None:
+        """Say at once, and every LOCK_REMINDER_S after, that another sweep holds the run and whom it waits for."""
+        now = time.monotonic()
+        first, said = self.waits.get(run.name, (now, -math.inf))
+        if now - said >= LOCK_REMINDER_S:
+            self.echo(f"  waiting ({now - first:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
+            said = now
+        self.waits[run.name] = (first, said)
 
-        def waiting(seconds: float, holder: str) -> None:
-            self.echo(f"  waiting ({seconds:.0f} s so far) for {run.name}: another sweep is running it ({holder})")
+    def not_started(self, pending: list[list[Run]]) -> None:
+        """On a stop: name the pending runs this sweep was waiting for."""
+        for job in pending:
+            if job[0].name in self.waits:
+                self.echo(f"  not started: {job[0].name} (stopped while another sweep held it)")
 
-        lock = open_locked(self.logs / f"{run.name}.lock", waiting, give_up=lambda: self.stop.signum is not None)
+    def launch(self, run: Run, rest: list[Run]) -> Attempt | str | None:
+        """Start one run's `megamoe train` holding the run's lock.
+
+        None if it turned out done meanwhile; the holder's note if another sweep holds the lock.
+        """
+        lock = try_lock(self.logs / f"{run.name}.lock")
+        if isinstance(lock, str):
+            return lock
+        self.waits.pop(run.name, None)
         try:
             fresh = status(run)
             state = start_state(run.run_dir, run.cfg.train.max_steps, run.branch)  # again, under the lock
@@ -192,18 +235,21 @@ def run_local(sweep: Sweep, parallel: int, echo=print) -> dict[str, int]:
     with PreemptionFlag(STOP_SIGNALS) as stop:
         local = _Local(sweep, parallel, echo, stop)
         local.logs.mkdir(parents=True, exist_ok=True)
-        while jobs or active:
-            if stop.signum is not None and jobs is not None:
+        pending, stopping = jobs, False
+        while pending or active:
+            if stop.signum is not None and not stopping:
+                local.not_started(pending)
                 _stop_runs(active, signal.Signals(stop.signum).name, echo)
-                jobs = None  # nothing more starts
-            while jobs and len(active) < parallel and stop.signum is None:
-                if (attempt := local.next_of(jobs.pop(0))) is not None:
-                    active.append(attempt)
+                pending, stopping = [], True  # nothing more starts
+            pending = local.fill(pending, active)
             for attempt in list(active):
                 if local.finished(attempt):
                     active.remove(attempt)
-                    if (following := local.next_of(attempt.rest)) is not None:
+                    following, held = local.next_of(attempt.rest)
+                    if following is not None:
                         active.append(following)
+                    elif held:
+                        pending.insert(0, held)  # its job goes on first once the other sweep lets go
                     elif export_job_of(sweep, attempt.run):
                         echo(f"  archived the job of {attempt.run.name} in {sweep.archive}")
             time.sleep(POLL_S)

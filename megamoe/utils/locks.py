@@ -21,10 +21,6 @@ from megamoe.errors import MegamoeError
 log = logging.getLogger(__name__)
 
 
-class LockWaitAbandonedError(MegamoeError):
-    """open_locked stopped waiting because its give_up() turned true."""
-
-
 LOCK_POLL_S, LOCK_REMINDER_S = 0.2, 60.0
 """How often a waiter retries a busy lock, and how often it says again that it is still waiting."""
 _held: dict[Path, IO[str]] = {}
@@ -47,36 +43,35 @@ def open_locked(
     waiting: Callable[[float, str], None],
     remind_s: float = LOCK_REMINDER_S,
     timeout_s: float | None = None,
-    give_up: Callable[[], bool] | None = None,
 ) -> IO[str]:
     """Open path and take an exclusive lock on it; closing the returned file (or dying) releases it.
 
     While another process holds it, waiting(seconds so far, holder note) is called at once and then
-    every remind_s seconds; after timeout_s (if given) a MegamoeError names the holder. A waiter
-    whose give_up() turns true (a stop signal arrived) stops waiting with LockWaitAbandonedError.
+    every remind_s seconds; after timeout_s (if given) a MegamoeError names the holder.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 - the caller closes it; "a+" so a waiter never truncates the note
     started, next_note = time.monotonic(), 0.0
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            pass
+    while isinstance(got := try_lock(path), str):
         waited = time.monotonic() - started
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
         if timeout_s is not None and waited > timeout_s:
-            fh.close()
-            raise MegamoeError(f"{path}: waited {waited:.0f} s for {holder}; if it is stuck, kill it and start again")
-        if give_up is not None and give_up():
-            fh.close()
-            raise LockWaitAbandonedError(f"{path}: stopped waiting for {holder} after {waited:.0f} s")
+            raise MegamoeError(f"{path}: waited {waited:.0f} s for {got}; if it is stuck, kill it and start again")
         if waited >= next_note:
-            waiting(waited, holder)
+            waiting(waited, got)
             next_note = waited + remind_s
         time.sleep(LOCK_POLL_S)
+    return got
+
+
+def try_lock(path: Path) -> IO[str] | str:
+    """The open file holding an exclusive lock on path (noted as this pid's), or, if another holds it, its note."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - the caller closes it; "a+" so a waiter never truncates the note
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        return holder
     note_holder(fh, f"pid {os.getpid()}")
     return fh
 

@@ -195,43 +195,55 @@ def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-@pytest.mark.slow
-def test_a_second_sweep_waits_for_a_run_in_progress_and_says_so(data_cache, tiny_data, tmp_path):
-    """A run whose lock is held (by another sweep's training process) is not started twice; the wait is announced."""
-    root, log = tmp_path / "out", tmp_path / "sweep.log"
-    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
-    lock = root / "s" / "logs" / f"{RUNS[0]}.lock"
-    lock.parent.mkdir(parents=True)
-    with open(lock, "a+") as held:  # what the other sweep's training process holds
+def hold_run_locks(root: Path, names: tuple[str, ...], stack: contextlib.ExitStack) -> None:
+    """Hold the named runs' locks as another sweep's training processes would, with their holder notes."""
+    logs = root / "s" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        held = stack.enter_context(open(logs / f"{name}.lock", "a+"))  # noqa: SIM115 - closed by the stack
         fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("megamoe train pid 4242, started by sweep pid 4241\n")
+        held.write(f"megamoe train pid {4242 + index}, started by sweep pid 4241\n")
         held.flush()
-        launch(sweep, log)  # killed by the _no_orphans fixture once it has started the run
-        assert poll_until(lambda: "waiting" in tail(log), 120), tail(log)
-        assert f"for {RUNS[0]}: another sweep is running it (megamoe train pid 4242, started by" in tail(log)
-        assert f"start {RUNS[0]}" not in tail(log)
-    assert poll_until(lambda: f"start {RUNS[0]} (new)" in tail(log), 60), tail(log)
 
 
 @pytest.mark.slow
-def test_a_stop_signal_ends_the_wait_for_a_run_lock_at_once(data_cache, tiny_data, tmp_path):
-    """SIGTERM to a sweep waiting for another sweep's run: it stops waiting and exits 143, starting nothing.
+def test_a_second_sweep_goes_on_with_the_free_runs_and_comes_back_to_the_held_one(data_cache, tiny_data, tmp_path):
+    """A run another sweep is training is not started twice, the wait is announced, and it holds up nothing.
 
-    Before, the signal was only noted, and acted on once the other sweep's run ended (hours, for a
-    study's run). 20 s is far below the 60 s between the wait's reminders, and far above the 0.2 s
-    the waiter sleeps between tries of the lock.
+    Before, the sweep blocked on the held run's lock: it started no other job, and reaped and
+    heartbeat none of its own runs, until the other sweep's run ended.
     """
     root, log = tmp_path / "out", tmp_path / "sweep.log"
     sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
-    lock = root / "s" / "logs" / f"{RUNS[0]}.lock"
-    lock.parent.mkdir(parents=True)
-    with open(lock, "a+") as held:  # what the other sweep's training process holds
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as held:
+        hold_run_locks(root, RUNS[:1], held)
         proc = launch(sweep, log)
-        assert poll_until(lambda: "waiting" in tail(log), 120), tail(log)
+        assert poll_until(lambda: f"start {RUNS[1]} (new)" in tail(log), 120), tail(log)
+        assert f"for {RUNS[0]}: another sweep is running it (megamoe train pid 4242, started by" in tail(log)
+        assert tail(log).index(f"for {RUNS[0]}: another sweep") < tail(log).index(f"start {RUNS[1]}")
+        assert f"start {RUNS[0]}" not in tail(log)
+    assert proc.wait(300) == 0, tail(log)
+    assert f"start {RUNS[0]} (new)" in tail(log) and _state(root / "s" / RUNS[0], steps=STEPS) == "done"
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_the_wait_for_held_runs_at_once(data_cache, tiny_data, tmp_path):
+    """SIGTERM to a sweep whose every run another sweep holds: it exits 143 at once, starting nothing.
+
+    Before, the sweep waited in the first run's lock and noticed the signal only once the other
+    sweep's run ended (hours, for a study's run). 20 s is far below the 60 s between the wait's
+    reminders, and far above the 0.5 s between the sweep's polls.
+    """
+    root, log = tmp_path / "out", tmp_path / "sweep.log"
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache)), "--parallel", "1")
+    with contextlib.ExitStack() as held:
+        hold_run_locks(root, RUNS, held)
+        proc = launch(sweep, log)
+        assert poll_until(lambda: all(f"for {name}: another sweep" in tail(log) for name in RUNS), 120), tail(log)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 128 + signal.SIGTERM, tail(log)
-    assert f"not started: {RUNS[0]} (stopped while waiting for its lock)" in tail(log)
+    for name in RUNS:
+        assert f"not started: {name} (stopped while another sweep held it)" in tail(log)
     assert "sweep s: stopped by SIGTERM; rerun it to resume" in tail(log)
     assert "start " not in tail(log) and not (root / "s" / RUNS[0]).exists()
 
