@@ -25,6 +25,7 @@ from megamoe.sweep.attempts import HEARTBEAT_S, read_attempts
 from tests.faults.procs import (
     all_gone,
     descendants,
+    finish,
     kill_when,
     launch,
     megamoe,
@@ -224,6 +225,22 @@ def test_a_second_sweep_goes_on_with_the_free_runs_and_comes_back_to_the_held_on
         assert f"start {RUNS[0]}" not in tail(log)
     assert proc.wait(300) == 0, tail(log)
     assert f"start {RUNS[0]} (new)" in tail(log) and _state(root / "s" / RUNS[0], steps=STEPS) == "done"
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_file_share_its_runs_and_train_each_once(data_cache, tiny_data, tmp_path):
+    """Two sweeps of the same file started together: both finish, and every run was trained by exactly one."""
+    root = tmp_path / "out"
+    spec = write_sweep(tmp_path / "s.yaml", root, data_cache)
+    logs = [tmp_path / f"sweep{i}.log" for i in (1, 2)]
+    procs = [launch(megamoe("sweep", str(spec), "--parallel", "1"), log) for log in logs]
+    assert [finish(proc, 600, log) for proc, log in zip(procs, logs, strict=True)] == [0, 0], tail(logs[0])
+    for name in RUNS:
+        starts = [tail(log).count(f"start {name} ") for log in logs]
+        assert sorted(starts) == [0, 1], (name, starts)
+        (attempt,) = read_attempts(root / "s" / "logs" / f"{name}.attempts.jsonl")
+        assert (attempt["state"], attempt["exit"]) == ("new", 0)
+        assert _state(root / "s" / name) == "done"
 
 
 @pytest.mark.slow
