@@ -108,8 +108,9 @@ def test_pairs_balance_and_lory_domains(collected):
     report = (collected / "report_crossover.md").read_text()
     la, lb = final_loss(collected / "lory-seed2-steps10"), final_loss(collected / "top2-seed2-steps10")
     assert f"seed 2: {la:.3f} − {lb:.3f} = {la - lb:+.3f}" in report
-    assert "| lory | lory-seed1-steps10 |" in report
+    assert "| lory | lory-seed1-steps10 |" in report and "| lory | lory-seed2-steps10 |" in report
     assert (collected / "lory-seed1-steps10" / "analysis" / "lory_domain_L1.png").is_file()
+    assert "(lory-seed1-steps10/analysis/lory_domain_L" in report and "(lory-seed2-steps10/analysis" not in report
     balance = (collected / "report_balance.md").read_text()
     assert re.search(r"\| top2-steps10 \| 2 \|", balance) and "| dense" not in balance
 

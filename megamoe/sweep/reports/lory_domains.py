@@ -1,10 +1,13 @@
 """Lory's per-domain routing weights for the crossover report (the Lory paper's specialization view).
 
-For each named variant it takes the lowest-seed run at the largest budget, runs `megamoe analyze` on
-it once (kept in <run>/analysis/), and reports per layer the domain specialization: the token-weighted
+For each named variant it takes every seed's run at the largest budget, runs `megamoe analyze` on each
+once (kept in <run>/analysis/, which the archive keeps), and reports per run and layer the domain
+specialization: the token-weighted
 mean over domains of the Jensen–Shannon divergence (nats) between the domain's average routing weights
 and the average over all domains (0: every domain routed alike; ln 2 is the most two distributions can
-differ). The report links each run's heatmaps of the layer `megamoe analyze` studies in detail.
+differ). The report links the lowest seed's heatmaps of the layer `megamoe analyze` studies in detail.
+A run restored from the archive without its analysis has no checkpoint to analyse; it is named, not
+analysed.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def analysed(run_dir, step: int):
     return Recording.load(run_dir / "analysis" / f"routing_step_{step}.npz")
 
 
+def analysable(run_dir, step: int) -> bool:
+    """The run has its routing recording at step, or a checkpoint to make it from."""
+    return (run_dir / "analysis" / f"routing_step_{step}.npz").is_file() or (run_dir / "checkpoints").is_dir()
+
+
 def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variants: list[str]) -> list[str]:
     """Markdown: domain specialization per layer of each variant, and links to its heatmaps."""
     from megamoe.analysis.report import default_layer
@@ -58,13 +66,17 @@ def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variant
             lines.append(f"- {variant}: no finished run yet.")
             continue
         steps = max(budgets)
-        row = min(budgets[steps], key=lambda r: r["seed"])
-        run = runs[row["run"]]
-        rec = analysed(run.run_dir, steps)
-        per_layer = {layer: domain_specialization(p["weight_TE"], rec.domain_T) for layer, p in rec.layers.items()}
-        table.append((variant, run.name, per_layer))
-        layer = default_layer(rec)
-        images.append(f"![{variant}: layer {layer}]({run.name}/analysis/lory_domain_L{layer}.png)")
+        for row in sorted(budgets[steps], key=lambda r: r["seed"]):
+            run = runs[row["run"]]
+            if not analysable(run.run_dir, steps):
+                lines.append(f"- {run.name}: restored from the archive without its analysis and checkpoints.")
+                continue
+            rec = analysed(run.run_dir, steps)
+            per_layer = {layer: domain_specialization(p["weight_TE"], rec.domain_T) for layer, p in rec.layers.items()}
+            table.append((variant, run.name, per_layer))
+            if len(table) == 1 or table[-2][0] != variant:  # the lowest seed's heatmaps
+                layer = default_layer(rec)
+                images.append(f"![{variant}: layer {layer}]({run.name}/analysis/lory_domain_L{layer}.png)")
     if table:
         layers = list(table[0][2])
         lines += [
