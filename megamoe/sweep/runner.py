@@ -187,8 +187,9 @@ class _Local:
         name = attempt.run.name
         attempt.tracked.close(usage, code)
         self.results[name] = code
-        self.echo(f"  {'done' if code == 0 else f'FAILED ({code})'} {name}")
-        if attempt.rest and attempt.run.branch is None and not (code == 0 and status(attempt.run) == "done"):
+        finished = code == 0 and status(attempt.run) == "done"
+        self.echo(f"  {'done' if finished else 'stopped (resumable)' if code == 0 else f'FAILED ({code})'} {name}")
+        if attempt.rest and attempt.run.branch is None and not finished:
             self.echo(f"  not started: {', '.join(r.name for r in attempt.rest)} (their trunk did not finish)")
             attempt.rest = []
         return True

@@ -325,6 +325,7 @@ def test_a_stop_signal_checkpoints_the_run_records_it_and_starts_no_more(data_ca
     assert all_gone(descendants_before, 30), "a process of the stopped sweep lived on"
     assert f"{sig.name}: asking 1 runs to checkpoint and stop" in tail(log)
     assert f"sweep s: stopped by {sig.name}; rerun it to resume" in tail(log)
+    assert f"stopped (resumable) {RUNS[0]}" in tail(log) and f"done {RUNS[0]}" not in tail(log)
     assert f"start {RUNS[1]}" not in tail(log) and _state(run_dir, steps=1000) == "resume"
     assert "stopped by SIGTERM" in _text(logs / f"{RUNS[0]}.log")
     (attempt,) = read_attempts(logs / f"{RUNS[0]}.attempts.jsonl")
