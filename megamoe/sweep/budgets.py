@@ -45,7 +45,7 @@ def parse_largest_only(path: Path, spec: dict, budgets: tuple[int, ...] | None) 
         raise ConfigError(key, "needs budgets and seeds: it adds seeds at the largest budget only")
     if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
         raise ConfigError(key, f"must be a non-empty list of integer seeds, got {raw!r}")
-    both = sorted(set(raw) & set(spec.get("seeds") or []))
+    both = sorted(set(raw) & set(spec["seeds"]))
     if both or len(set(raw)) != len(raw):
         raise ConfigError(key, f"must be distinct seeds not in seeds (those run at every budget already), got {raw}")
     return list(raw)

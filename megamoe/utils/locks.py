@@ -19,8 +19,6 @@ from typing import IO
 from megamoe.errors import MegamoeError
 
 log = logging.getLogger(__name__)
-
-
 LOCK_POLL_S, LOCK_REMINDER_S = 0.2, 60.0
 """How often a waiter retries a busy lock, and how often it says again that it is still waiting."""
 _held: dict[Path, IO[str]] = {}

@@ -65,7 +65,7 @@ def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variant
         if not budgets:
             lines.append(f"- {variant}: no finished run yet.")
             continue
-        steps = max(budgets)
+        steps, pictured = max(budgets), False
         for row in sorted(budgets[steps], key=lambda r: r["seed"]):
             run = runs[row["run"]]
             if not analysable(run.run_dir, steps):
@@ -74,8 +74,8 @@ def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variant
             rec = analysed(run.run_dir, steps)
             per_layer = {layer: domain_specialization(p["weight_TE"], rec.domain_T) for layer, p in rec.layers.items()}
             table.append((variant, run.name, per_layer))
-            if len(table) == 1 or table[-2][0] != variant:  # the lowest seed's heatmaps
-                layer = default_layer(rec)
+            if not pictured:  # the lowest analysed seed's heatmaps
+                layer, pictured = default_layer(rec), True
                 images.append(f"![{variant}: layer {layer}]({run.name}/analysis/lory_domain_L{layer}.png)")
     if table:
         layers = list(table[0][2])
