@@ -244,6 +244,43 @@ def test_two_sweeps_of_one_file_share_its_runs_and_train_each_once(data_cache, t
 
 
 @pytest.mark.slow
+def test_a_sweep_killed_beside_another_leaves_its_run_to_the_other(data_cache, tiny_data, tmp_path):
+    """kill -9 to one of two sweeps of one file, with its run: the other resumes that run and records the lost attempt.
+
+    The kernel frees the killed run's lock with its process; the other sweep, which found the run
+    held, then starts it from its checkpoint and settles the killed attempt's heartbeat into the
+    record ahead of its own. The killed sweep's training process is stopped (SIGSTOP) once it has a
+    checkpoint, so it cannot finish before the kill. The run's final loss and logged curve are an
+    uninterrupted sweep's.
+    """
+    ref_root, root, ref_log = tmp_path / "ref", tmp_path / "out", tmp_path / "ref.log"
+    assert run(megamoe("sweep", str(write_sweep(tmp_path / "r.yaml", ref_root, data_cache, 12))), ref_log, 600) == 0
+    sweep = megamoe("sweep", str(write_sweep(tmp_path / "s.yaml", root, data_cache, 12)), "--parallel", "1")
+    logs, run_dir = [tmp_path / f"sweep{i}.log" for i in (1, 2)], root / "s" / RUNS[0]
+    first = launch(sweep, logs[0])
+    assert poll_until(lambda: _state(run_dir, steps=12) == "resume", 300), tail(logs[0])
+    (train,) = [p for p in descendants(first) if "train" in p.cmdline()]
+    train.send_signal(signal.SIGSTOP)
+    second = launch(sweep, logs[1])
+    assert poll_until(lambda: f"for {RUNS[0]}: another sweep is running it" in tail(logs[1]), 120), tail(logs[1])
+    assert poll_until(lambda: (root / "s" / "logs" / f"{RUNS[0]}.inflight.json").is_file(), HEARTBEAT_S + 30)
+    signal_group(first, signal.SIGKILL)
+    first.wait()
+    assert settled(first), "a process of the killed sweep lived on"
+    assert finish(second, 600, logs[1]) == 0, tail(logs[1])
+    assert f"start {RUNS[0]} (resume)" in tail(logs[1]) and f"start {RUNS[1]} (new)" in tail(logs[1])
+    found = read_attempts(root / "s" / "logs" / f"{RUNS[0]}.attempts.jsonl")
+    assert [(a["pid"], a["exit"], a.get("lost", False)) for a in found][:1] == [(train.pid, None, True)], found
+    assert [(a["state"], a["exit"]) for a in found[1:]] == [("resume", 0)], found
+    assert run(megamoe("sweep", str(tmp_path / "s.yaml"), "--collect"), logs[1]) == 0, tail(logs[1])
+    assert run(megamoe("sweep", str(tmp_path / "r.yaml"), "--collect"), ref_log) == 0, tail(ref_log)
+    got, want = results(root), results(ref_root)
+    for name in RUNS:
+        assert (got[name]["step"], got[name]["eval_loss"]) == (want[name]["step"], want[name]["eval_loss"]), name
+        assert curve(root / "s" / name) == curve(ref_root / "s" / name), f"{name}: the logged curve differs"
+
+
+@pytest.mark.slow
 def test_a_stop_signal_ends_the_wait_for_held_runs_at_once(data_cache, tiny_data, tmp_path):
     """SIGTERM to a sweep whose every run another sweep holds: it exits 143 at once, starting nothing.
 
