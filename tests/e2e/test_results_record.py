@@ -2,7 +2,8 @@
 
 The record (docs/records/crossover) holds every finished run of configs/sweeps/crossover.yaml without
 its checkpoints. A collect on a fresh working directory restores it and writes the report; the table
-in docs/results.md must be that report's table, line for line, so the two cannot drift apart.
+in docs/results.md must be that report's table, and its list of where each variant overtakes dense,
+line for line, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,11 +21,26 @@ def first_table(markdown: str) -> list[str]:
     return lines[start:end]
 
 
+OVERTAKES = "Where each variant overtakes dense"
+
+
+def overtakes_list(markdown: str) -> list[str]:
+    """The report's verdict lines: the bullets after its 'where each variant overtakes dense' line."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(OVERTAKES)) + 1
+    while not lines[start].strip():
+        start += 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("- ")), len(lines))
+    return lines[start:end]
+
+
 def test_the_crossover_table_in_results_md_regenerates_from_the_record(tmp_path):
     res = cli("sweep", str(SWEEP), "--collect", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "restored" in res.stdout, res.stdout
-    table = first_table((tmp_path / "runs" / "sweeps" / "crossover" / "report_crossover.md").read_text())
-    assert len(table) > 2, table
+    report = (tmp_path / "runs" / "sweeps" / "crossover" / "report_crossover.md").read_text()
+    table, verdicts = first_table(report), overtakes_list(report)
+    assert len(table) > 2 and verdicts, (table, verdicts)
     docs = (REPO / "docs" / "results.md").read_text()
     assert "\n".join(table) in docs, "docs/results.md's crossover table differs from the record's:\n" + "\n".join(table)
+    assert "\n".join(verdicts) in docs, "docs/results.md's crossover verdicts differ from the record's:\n" + "\n".join(verdicts)
