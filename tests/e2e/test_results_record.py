@@ -43,4 +43,5 @@ def test_the_crossover_table_in_results_md_regenerates_from_the_record(tmp_path)
     assert len(table) > 2 and verdicts, (table, verdicts)
     docs = (REPO / "docs" / "results.md").read_text()
     assert "\n".join(table) in docs, "docs/results.md's crossover table differs from the record's:\n" + "\n".join(table)
-    assert "\n".join(verdicts) in docs, "docs/results.md's crossover verdicts differ from the record's:\n" + "\n".join(verdicts)
+    want = "\n".join(verdicts)
+    assert want in docs, "docs/results.md's crossover verdicts differ from the record's:\n" + want
