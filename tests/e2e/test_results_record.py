@@ -2,8 +2,8 @@
 
 The record (docs/records/crossover) holds every finished run of configs/sweeps/crossover.yaml without
 its checkpoints. A collect on a fresh working directory restores it and writes the report; the table
-in docs/results.md must be that report's table, and its list of where each variant overtakes dense,
-line for line, so the two cannot drift apart.
+in docs/results.md must be that report's table, its list of where each variant overtakes dense, and its
+table of paired comparisons, line for line, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from tests.e2e.test_train import REPO, cli
 SWEEP = REPO / "configs" / "sweeps" / "crossover.yaml"
 
 
-def first_table(markdown: str) -> list[str]:
-    """The lines of the first markdown table in a text."""
+PAIRS = "### Paired comparisons"
+
+
+def first_table(markdown: str, after: str = "") -> list[str]:
+    """The lines of the first markdown table in a text (after the first line starting with `after`)."""
     lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    begin = next(i for i, line in enumerate(lines) if line.startswith(after))
+    start = next(i for i in range(begin, len(lines)) if lines[i].startswith("| "))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
 
@@ -39,9 +43,11 @@ def test_the_crossover_table_in_results_md_regenerates_from_the_record(tmp_path)
     assert res.returncode == 0, res.stderr
     assert "restored" in res.stdout, res.stdout
     report = (tmp_path / "runs" / "sweeps" / "crossover" / "report_crossover.md").read_text()
-    table, verdicts = first_table(report), overtakes_list(report)
-    assert len(table) > 2 and verdicts, (table, verdicts)
+    table, verdicts, pairs = first_table(report), overtakes_list(report), first_table(report, PAIRS)
+    assert len(table) > 2 and verdicts and len(pairs) > 2, (table, verdicts, pairs)
     docs = (REPO / "docs" / "results.md").read_text()
     assert "\n".join(table) in docs, "docs/results.md's crossover table differs from the record's:\n" + "\n".join(table)
     want = "\n".join(verdicts)
     assert want in docs, "docs/results.md's crossover verdicts differ from the record's:\n" + want
+    want = "\n".join(pairs)
+    assert want in docs, "docs/results.md's paired comparisons differ from the record's:\n" + want

@@ -106,8 +106,10 @@ def test_dense_flops_count_every_matmul_weight(collected):
 
 def test_pairs_balance_and_lory_domains(collected):
     report = (collected / "report_crossover.md").read_text()
-    la, lb = final_loss(collected / "lory-seed2-steps10"), final_loss(collected / "top2-seed2-steps10")
-    assert f"seed 2: {la:.3f} − {lb:.3f} = {la - lb:+.3f}" in report
+    loss = {(v, s): final_loss(collected / f"{v}-seed{s}-steps10") for v in ("lory", "top2") for s in (1, 2)}
+    diffs = [loss["lory", s] - loss["top2", s] for s in (1, 2)]
+    tokens = row(report, 10, "lory")[1]
+    assert f"| lory − top2 | 10 | {tokens} | 1, 2 | {diffs[0]:+.3f}, {diffs[1]:+.3f} |" in report, report
     assert "| lory | lory-seed1-steps10 |" in report and "| lory | lory-seed2-steps10 |" in report
     assert (collected / "lory-seed1-steps10" / "analysis" / "lory_domain_L1.png").is_file()
     assert "(lory-seed1-steps10/analysis/lory_domain_L" in report and "(lory-seed2-steps10/analysis" not in report

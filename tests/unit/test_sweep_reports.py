@@ -14,7 +14,7 @@ from megamoe.sweep.reports.crossover import (
     crossover_lines,
     delta_series,
     equal_flops_delta,
-    pair_lines,
+    pair_table,
     plot,
     verdict,
 )
@@ -92,16 +92,18 @@ def test_delta_series_is_the_difference_of_means_at_the_shared_budgets(tmp_path)
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_pairs_subtract_seed_by_seed_at_the_largest_shared_budget():
+def test_pairs_subtract_seed_by_seed_at_every_shared_budget():
     data = {
-        "a": {1: [point(1, 9.0, 1, 1)], 5: [point(1, 2.0, 5, 1), point(2, 2.5, 5, 1)]},
-        "b": {1: [point(1, 0.0, 1, 1)], 5: [point(2, 2.0, 5, 1), point(1, 2.25, 5, 1)]},
+        "a": {1: [point(1, 9.0, 10, 1)], 5: [point(1, 2.0, 50, 1), point(2, 2.5, 50, 1), point(3, 2.0, 50, 1)]},
+        "b": {1: [point(1, 0.0, 10, 1)], 5: [point(2, 2.0, 50, 1), point(1, 2.25, 50, 1)], 7: [point(1, 1.0, 70, 1)]},
+        "c": {1: [point(2, 1.0, 10, 1)]},
     }
-    (line,) = pair_lines(data, [["a", "b"]])
-    assert (
-        "at 5 steps" in line and "seed 1: 2.000 − 2.250 = -0.250" in line and "seed 2: 2.500 − 2.000 = +0.500" in line
-    )
-    assert "mean +0.125" in line
+    header, rule, one, five, none = pair_table(data, [["a", "b"], ["a", "c"]])
+    assert header.startswith("| a − b | steps | tokens | seeds |") and rule.startswith("|---|")
+    assert one == "| a − b | 1 | 10 | 1 | +9.000 | +9.000 | 0.000 | — |"
+    # seeds 1 and 2 only (b lacks seed 3): −0.25 and +0.5; mean 0.125, sample std 0.75/√2, SE 0.75/2
+    assert five == f"| a − b | 5 | 50 | 1, 2 | -0.250, +0.500 | +0.125 | {0.75 / math.sqrt(2):.3f} | {0.375:.3f} |"
+    assert none == "| a − c | — | — | — | no seed finished for both yet | | | |"
 
 
 def test_js_divergence_bounds():

@@ -2,7 +2,7 @@
 
 Options (a sweep file's `reports: [{crossover: {...}}]`):
   baseline: the variant every other is compared with (default: the sweep's first variant);
-  pairs: [[a, b], ...] variants compared seed by seed at the largest budget;
+  pairs: [[a, b], ...] variants compared seed by seed (a − b) at every budget both have finished;
   analyze: [variant, ...] Lory variants whose per-domain routing weights are compared (lory_domains.py).
 A budget's FLOPs are the run's training FLOPs per token (megamoe.model.params.flops_per_token,
 megatron-core's counting) times its tokens. "Ahead" and "behind" need the difference of the means to
@@ -155,24 +155,32 @@ def crossover_lines(data: dict[str, dict[int, list[dict]]], baseline: str) -> li
     return lines
 
 
-def pair_lines(data: dict[str, dict[int, list[dict]]], pairs: list[list[str]]) -> list[str]:
-    """Seed-by-seed differences of each pair at its largest shared budget."""
-    lines = []
+def pair_table(data: dict[str, dict[int, list[dict]]], pairs: list[list[str]]) -> list[str]:
+    """a − b seed by seed at every budget both have finished: each seed's difference, their mean, sample std and SE.
+
+    The SE of a paired mean is the differences' sample std / √n ('—' with one seed)."""
+    lines = ["| a − b | steps | tokens | seeds | a − b per seed | mean | sample std | SE |", "|---" * 8 + "|"]
     for a, b in pairs:
-        shared = sorted(set(data.get(a, {})) & set(data.get(b, {})))
-        if not shared:
-            lines.append(f"- {a} vs {b}: no budget finished for both yet.")
-            continue
-        steps = shared[-1]
-        la = {r["seed"]: r["eval_loss"] for r in data[a][steps]}
-        lb = {r["seed"]: r["eval_loss"] for r in data[b][steps]}
-        seeds = sorted(set(la) & set(lb))
-        diffs = [la[s] - lb[s] for s in seeds]
-        each = ", ".join(f"seed {s}: {la[s]:.3f} − {lb[s]:.3f} = {d:+.3f}" for s, d in zip(seeds, diffs, strict=True))
-        mean, std, n = _stats(diffs) if diffs else (float("nan"), 0.0, 0)
-        summary = f"mean {mean:+.3f} ± {std:.3f} (sample std)"
-        lines.append(f"- **{a} − {b}** at {steps} steps, paired by seed ({n}): {each}; {summary}.")
+        rows = [_pair_row(a, b, steps, data) for steps in sorted(set(data.get(a, {})) & set(data.get(b, {})))]
+        rows = [row for row in rows if row]
+        lines += rows or [f"| {a} − {b} | — | — | — | no seed finished for both yet | | | |"]
     return lines
+
+
+def _pair_row(a: str, b: str, steps: int, data: dict[str, dict[int, list[dict]]]) -> str:
+    """One budget's row of pair_table ('' when no seed has finished both)."""
+    la = {r["seed"]: r["eval_loss"] for r in data[a][steps]}
+    lb = {r["seed"]: r["eval_loss"] for r in data[b][steps]}
+    seeds = sorted(set(la) & set(lb))
+    if not seeds:
+        return ""
+    diffs = [la[s] - lb[s] for s in seeds]
+    mean, std, n = _stats(diffs)
+    se = f"{std / math.sqrt(n):.3f}" if n > 1 else "—"
+    each = ", ".join(f"{d:+.3f}" for d in diffs)
+    seed_list = ", ".join(map(str, seeds))
+    tokens = data[a][steps][0]["tokens"]
+    return f"| {a} − {b} | {steps} | {tokens:,} | {seed_list} | {each} | {mean:+.3f} | {std:.3f} | {se} |"
 
 
 def delta_series(data: dict[str, dict[int, list[dict]]], baseline: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -257,7 +265,7 @@ def report(
         "",
     ]
     if pairs:
-        lines += ["### Paired comparisons at the largest shared budget", "", *pair_lines(data, pairs), ""]
+        lines += ["### Paired comparisons", "", *pair_table(data, pairs), ""]
     if analyze:
         from megamoe.sweep.reports.lory_domains import domain_section
 
