@@ -219,10 +219,11 @@ def load_sweep(path: Path) -> Sweep:
     if archive is not None and not (isinstance(archive, str) and archive):
         raise _err(path, "archive", f"must be a folder path (relative to the sweep file), got {archive!r}")
     archive_dir = Path(_resolve(path, archive)) if archive else None
-    return Sweep(name, path, root, tuple(runs), _reports(path, spec), archive_dir)
+    reports = _reports(path, spec, list(_variants(path, spec, base)))
+    return Sweep(name, path, root, tuple(runs), reports, archive_dir)
 
 
-def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:
+def _reports(path: Path, spec: dict, variants: list[str]) -> tuple[tuple[str, dict], ...]:
     """The sweep's `reports`: each a report name, or {name: {option: value}}, checked against its function."""
     entries = spec.get("reports") or []
     if not isinstance(entries, list):
@@ -239,5 +240,26 @@ def _reports(path: Path, spec: dict) -> tuple[tuple[str, dict], ...]:
         known = list(REPORTS[name][1])
         if unknown := sorted(set(options) - set(known)):
             raise _err(path, "reports", f"{name}: unknown option {unknown[0]!r}; expected one of {known}")
+        _check_variant_options(path, name, options, variants)
         out.append((name, dict(options)))
     return tuple(out)
+
+
+def _check_variant_options(path: Path, report: str, options: dict, variants: list[str]) -> None:
+    """Report options naming variants (baseline: one, pairs: [[a, b], ...], analyze: [...]) name this sweep's."""
+    named = [("baseline", options["baseline"])] if "baseline" in options else []
+    for key, shape in (("pairs", "a list of [a, b] pairs of variant names"), ("analyze", "a list of variant names")):
+        value = options.get(key) or []
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            pair = key == "pairs"
+            if not isinstance(value, list) or (pair and not (isinstance(item, list) and len(item) == 2)):
+                raise _err(path, "reports", f"{report}.{key}: expected {shape}, got {value!r}")
+            named += [(key, v) for v in (item if pair else [item])]
+    for key, variant in named:
+        if variant not in variants:
+            raise _err(
+                path,
+                "reports",
+                f"{report}.{key}: {variant!r} is not a variant of this sweep; expected one of {variants}",
+            )

@@ -56,6 +56,15 @@ def test_expansion_names_and_validation(tmp_path):
         ({"reports": ["crossover", "nope"]}, r"reports: expected a report name from \['analyze', 'balance'"),
         ({"reports": "balance"}, r"reports: expected a list of report names"),
         ({"reports": [{"crossover": {"base": "dense"}}]}, r"reports: crossover: unknown option 'base'; .*'baseline'"),
+        (
+            {"reports": [{"crossover": {"baseline": "dense"}}]},
+            r"crossover.baseline: 'dense' is not a variant .*\['base'\]",
+        ),
+        ({"reports": [{"crossover": {"pairs": [["base", "top3"]]}}]}, r"crossover.pairs: 'top3' is not a variant"),
+        ({"reports": [{"crossover": {"pairs": ["base"]}}]}, r"crossover.pairs: expected a list of \[a, b\] pairs"),
+        ({"reports": [{"reeval": {"pairs": [["base"]]}}]}, r"reeval.pairs: expected a list of \[a, b\] pairs"),
+        ({"reports": [{"crossover": {"analyze": "base"}}]}, r"crossover.analyze: expected a list of variant names"),
+        ({"reports": [{"crossover": {"analyze": ["lory"]}}]}, r"crossover.analyze: 'lory' is not a variant"),
     ],
 )
 def test_bad_sweep_files(tmp_path, spec, match):
