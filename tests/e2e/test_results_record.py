@@ -2,8 +2,9 @@
 
 The record (docs/records/crossover) holds every finished run of configs/sweeps/crossover.yaml without
 its checkpoints. A collect on a fresh working directory restores it and writes the report; the table
-in docs/results.md must be that report's table, its list of where each variant overtakes dense, and its
-table of paired comparisons, line for line, so the two cannot drift apart.
+in docs/results.md must be that report's table, its list of where each variant overtakes dense, its
+table of paired comparisons and its table of Lory's domain specialization, line for line, so the two
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ SWEEP = REPO / "configs" / "sweeps" / "crossover.yaml"
 
 
 PAIRS = "### Paired comparisons"
+DOMAINS = "### Lory: routing weight by domain"
 
 
 def first_table(markdown: str, after: str = "") -> list[str]:
@@ -49,5 +51,6 @@ def test_the_crossover_table_in_results_md_regenerates_from_the_record(tmp_path)
     assert "\n".join(table) in docs, "docs/results.md's crossover table differs from the record's:\n" + "\n".join(table)
     want = "\n".join(verdicts)
     assert want in docs, "docs/results.md's crossover verdicts differ from the record's:\n" + want
-    want = "\n".join(pairs)
-    assert want in docs, "docs/results.md's paired comparisons differ from the record's:\n" + want
+    for name, lines in (("paired comparisons", pairs), ("domain specialization", first_table(report, DOMAINS))):
+        want = "\n".join(lines)
+        assert want in docs, f"docs/results.md's {name} differ from the record's:\n" + want

@@ -53,6 +53,12 @@ def analysable(run_dir, step: int) -> bool:
     return (run_dir / "analysis" / f"routing_step_{step}.npz").is_file() or (run_dir / "checkpoints").is_dir()
 
 
+def _domain_row(variant: str, seed: int, per_layer: list[float]) -> str:
+    """One run's row: its specialization per layer and their mean, in nats to 4 decimals."""
+    cells = [*per_layer, sum(per_layer) / len(per_layer)]
+    return f"| {variant} | {seed} | " + " | ".join(f"{d:.4f}" for d in cells) + " |"
+
+
 def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variants: list[str]) -> list[str]:
     """Markdown: domain specialization per layer of each variant, and links to its heatmaps."""
     from megamoe.analysis.report import default_layer
@@ -73,7 +79,7 @@ def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variant
                 continue
             rec = analysed(run.run_dir, steps)
             per_layer = {layer: domain_specialization(p["weight_TE"], rec.domain_T) for layer, p in rec.layers.items()}
-            table.append((variant, run.name, per_layer))
+            table.append((variant, row["seed"], per_layer))
             if not pictured:  # the lowest analysed seed's heatmaps
                 layer, pictured = default_layer(rec), True
                 images.append(f"![{variant}: layer {layer}]({run.name}/analysis/lory_domain_L{layer}.png)")
@@ -81,11 +87,12 @@ def domain_section(sweep: Sweep, data: dict[str, dict[int, list[dict]]], variant
         layers = list(table[0][2])
         lines += [
             "Domain specialization: the token-weighted mean Jensen–Shannon divergence (nats) between each",
-            "domain's mean routing weights and the mean over all domains, on 64 validation sequences.",
+            "domain's mean routing weights and the mean over all domains, on 64 validation sequences, for each",
+            "seed's run at the largest budget; the last column is the mean over the layers.",
             "",
-            "| variant | run | " + " | ".join(f"layer {i}" for i in layers) + " |",
-            "|---|---|" + "---|" * len(layers),
-            *(f"| {v} | {name} | " + " | ".join(f"{d[i]:.3g}" for i in layers) + " |" for v, name, d in table),
+            "| variant | seed | " + " | ".join(f"layer {i}" for i in layers) + " | mean |",
+            "|---|---|" + "---|" * (len(layers) + 1),
+            *(_domain_row(v, seed, [d[i] for i in layers]) for v, seed, d in table),
             "",
             *images,
             "",
