@@ -201,10 +201,10 @@ def load_sweep(path: Path) -> Sweep:
     budgets = parse_budgets(path, spec)
     seeds = [(seed, True) for seed in spec.get("seeds") or [None]]
     seeds += [(seed, False) for seed in parse_largest_only(path, spec, budgets)]
-    runs = []
+    runs, variants = [], _variants(path, spec, base)
     # Seed-major: an interrupted sweep has compared every variant on its first seed before any second seed.
     for seed, every_budget in seeds:
-        for variant, (config, extra) in _variants(path, spec, base).items():
+        for variant, (config, extra) in variants.items():
             for items in _axes(path, spec):
                 axis = [f"{k}={v}" for k, v in items]
                 group = f"{variant}{_label(items)}"
@@ -219,8 +219,7 @@ def load_sweep(path: Path) -> Sweep:
     if archive is not None and not (isinstance(archive, str) and archive):
         raise _err(path, "archive", f"must be a folder path (relative to the sweep file), got {archive!r}")
     archive_dir = Path(_resolve(path, archive)) if archive else None
-    reports = _reports(path, spec, list(_variants(path, spec, base)))
-    return Sweep(name, path, root, tuple(runs), reports, archive_dir)
+    return Sweep(name, path, root, tuple(runs), _reports(path, spec, list(variants)), archive_dir)
 
 
 def _reports(path: Path, spec: dict, variants: list[str]) -> tuple[tuple[str, dict], ...]:
@@ -247,15 +246,13 @@ def _reports(path: Path, spec: dict, variants: list[str]) -> tuple[tuple[str, di
 
 def _check_variant_options(path: Path, report: str, options: dict, variants: list[str]) -> None:
     """Report options naming variants (baseline: one, pairs: [[a, b], ...], analyze: [...]) name this sweep's."""
+    pairs, analyze = options.get("pairs") or [], options.get("analyze") or []
+    if not isinstance(pairs, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+        raise _err(path, "reports", f"{report}.pairs: expected a list of [a, b] pairs of variant names, got {pairs!r}")
+    if not isinstance(analyze, list):
+        raise _err(path, "reports", f"{report}.analyze: expected a list of variant names, got {analyze!r}")
     named = [("baseline", options["baseline"])] if "baseline" in options else []
-    for key, shape in (("pairs", "a list of [a, b] pairs of variant names"), ("analyze", "a list of variant names")):
-        value = options.get(key) or []
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            pair = key == "pairs"
-            if not isinstance(value, list) or (pair and not (isinstance(item, list) and len(item) == 2)):
-                raise _err(path, "reports", f"{report}.{key}: expected {shape}, got {value!r}")
-            named += [(key, v) for v in (item if pair else [item])]
+    named += [("pairs", v) for pair in pairs for v in pair] + [("analyze", v) for v in analyze]
     for key, variant in named:
         if variant not in variants:
             raise _err(
