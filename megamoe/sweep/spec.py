@@ -201,11 +201,11 @@ def load_sweep(path: Path) -> Sweep:
     budgets = parse_budgets(path, spec)
     seeds = [(seed, True) for seed in spec.get("seeds") or [None]]
     seeds += [(seed, False) for seed in parse_largest_only(path, spec, budgets)]
-    runs, variants = [], _variants(path, spec, base)
+    runs, variants, axes = [], _variants(path, spec, base), _axes(path, spec)
     # Seed-major: an interrupted sweep has compared every variant on its first seed before any second seed.
     for seed, every_budget in seeds:
         for variant, (config, extra) in variants.items():
-            for items in _axes(path, spec):
+            for items in axes:
                 axis = [f"{k}={v}" for k, v in items]
                 group = f"{variant}{_label(items)}"
                 run_name = group + (f"-seed{seed}" if seed is not None else "")
