@@ -4,9 +4,10 @@ After the schedule has accumulated every micro-batch's gradient, each gradient i
 data parallel with the same convention as DeepSpeed's engine (dense: sum over the data-parallel
 group / dp; experts: sum over their expert-data-parallel replicas / dp), replicas kept on several
 pipeline ranks (the tied embedding, RMoE's GRU) are summed over those ranks, and the global norm
-counts every element once: tensor-parallel shards summed over TP, replicated parameters once per
-stage (replicas only on their owner), experts over the world divided by their replicas, all
-summed over the pipeline. ZeRO is not used with pipelines (parallel.zero_stage must be 0).
+counts every element once: replicas only on their owner's stage (a tensor-parallel tied embedding
+too), tensor-parallel shards summed over TP, replicated parameters once per stage, experts over the
+world divided by their replicas, all summed over the pipeline. ZeRO is not used with pipelines
+(parallel.zero_stage must be 0).
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ class PipelineEngine(TorchAdamEngine):
         """Global gradient norm over every rank, each element counted once."""
         sharded, replicated, expert = (torch.zeros((), dtype=torch.float64) for _ in range(3))
         for name, param in self.model.named_parameters():
+            if name in self._not_owned:  # a replica counts on its owner's stage only (sharded or not)
+                continue
             square = param.grad.detach().double().pow(2).sum().cpu()
             if getattr(param, "expert", False):
                 expert += square
             elif getattr(param, "shards", ()):
                 sharded += square
-            elif name not in self._not_owned:
+            else:
                 replicated += square
         if self.groups.tp.group is not None:
             dist.all_reduce(sharded, group=self.groups.tp.group)
