@@ -410,6 +410,8 @@ class TrainConfig:
     """Pipeline micro-batches per step; 0 = global_batch_size / (micro_batch_size · data-parallel degree)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute in backward: full = whole blocks; selective = attention core and expert SwiGLU."""
+    loss_chunk_tokens: int = 0
+    """> 0: the LM head fused with the cross-entropy, this many tokens at a time (no logits held); 0 = plain."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device to train on; auto = CUDA when available."""
     run_dir: str = ""
@@ -420,7 +422,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Check ranges and batch divisibility."""
         _positive(self, "max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_checkpoints")
-        _non_negative(self, "eval_interval", "checkpoint_interval", "max_nonfinite_steps", "pipeline_microbatches")
+        counts = ("eval_interval", "checkpoint_interval", "max_nonfinite_steps", "pipeline_microbatches")
+        _non_negative(self, *counts, "loss_chunk_tokens")
         _check(
             self.global_batch_size % self.micro_batch_size == 0,
             "global_batch_size",

@@ -20,6 +20,7 @@ from megamoe.model.layers import RMSNorm
 from megamoe.model.moe.dispatch import LocalDispatcher
 from megamoe.model.moe.experts import GroupedExperts
 from megamoe.model.moe.tokens import TokenGroup
+from megamoe.ops.linear_ce import linear_cross_entropy
 
 
 class SeqFirstEmbedding(nn.Embedding):
@@ -97,6 +98,14 @@ class LayerFactory:
     def token_group(self) -> TokenGroup:
         """The tokens a MoE block routes, and sums over the ranks holding the rest of the micro-batch."""
         return TokenGroup()
+
+    def head_loss(
+        self, head: nn.Module, hn_LBD: torch.Tensor, tied_VD: torch.Tensor | None, targets_BL: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        """The LM head fused with token_loss, `chunk` tokens at a time (no logits are kept) → loss_BL."""
+        w_VD = head.weight if tied_VD is None else tied_VD
+        loss_N = linear_cross_entropy(hn_LBD.flatten(0, 1), w_VD, targets_BL.t().flatten(), chunk)
+        return loss_N.view(hn_LBD.shape[:2]).t()
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in fp32 over the (possibly vocab-parallel) logits → loss_BL."""

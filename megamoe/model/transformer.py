@@ -28,8 +28,8 @@ from megamoe.model.recompute import checkpointed_block
 class ModelOutput:
     """What a forward pass returns."""
 
-    logits_BLV: torch.Tensor
-    """Logits (the local vocabulary shard under tensor parallelism)."""
+    logits_BLV: torch.Tensor | None
+    """Logits (the local vocabulary shard under tensor parallelism); None where the loss was fused with the head."""
     token_loss_BL: torch.Tensor | None = None
     """Per-token next-token cross-entropy in fp32, when targets were given."""
     aux_loss: torch.Tensor | float = 0.0
@@ -104,6 +104,8 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.recompute_blocks = False
         """Full activation recompute (train.recompute=full): blocks keep only their input."""
+        self.loss_chunk_tokens = 0
+        """train.loss_chunk_tokens: > 0 fuses the head with the loss, that many tokens at a time (no logits)."""
 
     def forward(
         self,
@@ -120,15 +122,31 @@ class Transformer(nn.Module):
         h_LBD = self.embed(tokens_BL)
         state = RoutingState(ctx, self.router_gru, cache=cache)
         h_LBD, moe = self.run_blocks(h_LBD, state, range(len(self.layers)))
-        tied_weight = self.embed.weight if self.cfg.tie_embeddings else None
-        logits_LBV = self.lm_head(self.norm(h_LBD), tied_weight)
-        token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
+        if self.fuses_loss(targets_BL, cache):
+            logits_BLV, token_loss_BL = None, self.head_loss(self.norm(h_LBD), targets_BL)
+        else:
+            logits_LBV = self.lm_head(self.norm(h_LBD), self.tied_weight)
+            token_loss_BL = None if targets_BL is None else self.factory.token_loss(logits_LBV, targets_BL)
+            logits_BLV = logits_LBV.transpose(0, 1)
         if cache is not None:
             cache.length += tokens_BL.shape[1]
         aux_loss = sum(
             (loss for out in moe.values() for loss in out.losses.values()), torch.zeros((), device=h_LBD.device)
         )
-        return ModelOutput(logits_LBV.transpose(0, 1), token_loss_BL, aux_loss, moe)
+        return ModelOutput(logits_BLV, token_loss_BL, aux_loss, moe)
+
+    @property
+    def tied_weight(self) -> torch.Tensor | None:
+        """The embedding matrix the head reuses (tied embeddings), else None."""
+        return self.embed.weight if self.cfg.tie_embeddings else None
+
+    def fuses_loss(self, targets_BL: torch.Tensor | None, cache: DecodeCache | None = None) -> bool:
+        """Whether this forward computes its loss fused with the head (train.loss_chunk_tokens; not decoding)."""
+        return self.loss_chunk_tokens > 0 and targets_BL is not None and cache is None
+
+    def head_loss(self, hn_LBD: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """Per-token losses of the normed hidden states through the head, fused: loss_BL without the logits."""
+        return self.factory.head_loss(self.lm_head, hn_LBD, self.tied_weight, targets_BL, self.loss_chunk_tokens)
 
     def run_blocks(
         self, h_LBD: torch.Tensor, state: RoutingState, indices: range

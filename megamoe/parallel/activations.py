@@ -164,12 +164,18 @@ def embedding_bytes(cfg: Config) -> int:
 
 
 def head_bytes(cfg: Config, deg: Degrees, dt: Dtypes) -> int:
-    """Final norm, the head's input, the fp32 log-softmax of the (vocab-parallel) logits and the targets."""
+    """Final norm, the head's input, the targets, and the fp32 log-softmax of the (vocab-parallel) logits
+    (fused with the loss, train.loss_chunk_tokens: each token's fp32 log-sum-exp instead)."""
     t, m = cfg.train.micro_batch_size * cfg.model.seq_len, cfg.model
     norm_tokens = t // deg.tp if deg.sp else t
-    return norm_bytes(norm_tokens, m.d_model) + dt.a * t * m.d_model + 4 * t * (m.vocab_size // deg.tp) + 8 * t
+    per_token = 4 if cfg.train.loss_chunk_tokens > 0 else 4 * (m.vocab_size // deg.tp)
+    return norm_bytes(norm_tokens, m.d_model) + dt.a * t * m.d_model + per_token * t + 8 * t
 
 
 def logits_bytes(cfg: Config, deg: Degrees, dt: Dtypes) -> int:
-    """The head's output logits: not saved by autograd, but alive until the loss's backward (last stage)."""
-    return dt.a * cfg.train.micro_batch_size * cfg.model.seq_len * (cfg.model.vocab_size // deg.tp)
+    """The head's output logits: not saved by autograd, but alive until the loss's backward (last stage);
+    fused with the loss, one chunk's fp32 logits and their gradient, transient."""
+    t, vocab = cfg.train.micro_batch_size * cfg.model.seq_len, cfg.model.vocab_size // deg.tp
+    if cfg.train.loss_chunk_tokens > 0:
+        return 2 * 4 * min(cfg.train.loss_chunk_tokens, t) * vocab
+    return dt.a * t * vocab

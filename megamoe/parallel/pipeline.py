@@ -72,7 +72,8 @@ class Chunk(nn.Module):
         """Per micro-batch (in order): {block index: MoELayerOutput} of this chunk's MoE blocks."""
 
     def forward(self, x, ids_B: torch.Tensor, gru_TP: torch.Tensor | None = None):
-        """Embedding (first) → blocks → norm and head (last): logits_LBV, else (h_LBD, ids_B[, gru_TP])."""
+        """Embedding (first) → blocks → norm and head (last): logits_LBV (normed h_LBD if the loss is fused),
+        else (h_LBD, ids_B[, gru_TP])."""
         model = self.model
         h_LBD = model.embed(x) if self.first else x
         ctx = RoutingContext(self.seed, self.step, tuple(int(i) for i in ids_B.tolist()))
@@ -82,9 +83,9 @@ class Chunk(nn.Module):
         self.outputs.append(moe)
         if aux and torch.is_grad_enabled():
             h_LBD = _AuxGrad.apply(h_LBD, torch.stack(aux).sum(), 1.0 / self.micro_batches)
-        if self.last:
-            tied = model.embed.weight if model.cfg.tie_embeddings else None
-            return model.lm_head(model.norm(h_LBD), tied)
+        if self.last:  # the normed hidden states where the loss function fuses the head with the loss
+            hn_LBD = model.norm(h_LBD)
+            return hn_LBD if model.loss_chunk_tokens > 0 else model.lm_head(hn_LBD, model.tied_weight)
         if model.router_gru is None:
             return h_LBD, ids_B
         gru_TP = state.h_TP if state.h_TP is not None else h_LBD.new_zeros(1, model.moe_cfg.gru_hidden)

@@ -52,9 +52,11 @@ class Pipeline:
         """This rank computes the loss (holds the last chunk)."""
         return any(c.last for c in self.plan.chunks)
 
-    def _loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
-        """A micro-batch's mean token loss / m (its token losses kept for evaluation)."""
-        token_BL = self.model.factory.token_loss(logits_LBV, targets_BL)
+    def _loss(self, out_LB: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's mean token loss / m (its token losses kept for evaluation), from logits or fused."""
+        model = self.model
+        fused = model.fuses_loss(targets_BL)
+        token_BL = model.head_loss(out_LB, targets_BL) if fused else model.factory.token_loss(out_LB, targets_BL)
         self._token_losses.append(token_BL.detach())
         return token_BL.mean() / self.m
 

@@ -82,6 +82,7 @@ class Trainer:
             groups.device
         )
         set_recompute(self.model, self.cfg.train.recompute)
+        self.model.loss_chunk_tokens = self.cfg.train.loss_chunk_tokens
         self.pipeline = self._pipeline()
         self.engine = self._engine()
         self.train_split, self.val_split = self._splits()

@@ -42,7 +42,10 @@ LAYOUTS = {
     "tp2-sp": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"]),
     "tp2-dp2-sp-zero1": (4, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"]),
     "tp2-dp2-zero2-full": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=2", "train.recompute=full"]),
-}
+    # the head fused with the loss, 40 tokens at a time (uneven chunks), vocab-parallel over the gathered sequence
+    "tp2-sp-fused-loss": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0",
+                              "train.loss_chunk_tokens=40"]),
+}  # fmt: skip
 KEYS = ("train/loss", "train/grad_norm", "eval/loss")
 
 

@@ -54,6 +54,8 @@ LAYOUTS = {
     "rmoe-pp2-full": ("rmoe", 2, [P2, "train.recompute=full"]),
     "lory-pp2-selective": ("lory", 2, [P2, "train.recompute=selective"]),
     "auxfree-pp2": ("auxfree", 2, [P2]),
+    "tied-pp2-tp2-sp-fused-loss": ("tied", 4, [P2, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                                               "train.loss_chunk_tokens=40"]),
 }  # fmt: skip
 
 

@@ -63,6 +63,14 @@ def test_recompute_smoke():
         assert float(rows[(family, "full")][3]) < 1 and float(rows[(family, "full")][4].replace(",", "")) > 0
 
 
+def test_fused_loss_smoke():
+    """The plain path and each chunk size are measured; the fused loss saves fewer bytes than the plain one."""
+    rows = {r[1]: r for r in table_rows(bench("bench.fused_loss", "--smoke", "--chunks", "32"))}
+    assert set(rows) == {"plain", "fused, 32 tokens"}
+    assert rows["plain"][3] == rows["plain"][7] == "1.00"
+    assert float(rows["fused, 32 tokens"][3]) < 1 and float(rows["fused, 32 tokens"][6].replace(",", "")) > 0
+
+
 def test_precision_tiny():
     """Every family runs in fp32 and bf16 autocast and gets a ratio."""
     rows = table_rows(bench("bench.precision", "--steps", "1", "--rounds", "1", "--widths", "32"))

@@ -12,6 +12,7 @@ Model states: exact, against the real model, its gradients and torch AdamW's sta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -88,6 +89,18 @@ def test_activation_estimate_matches_autograd(family, mode, tokens):
     set_recompute(model, mode)
     measured = saved_bytes(model, tokens)
     assert estimate(cfg) == pytest.approx(measured, rel=TOLERANCE)
+
+
+def test_fused_loss_estimate_matches_autograd(tokens):
+    """train.loss_chunk_tokens: the head keeps no log-softmax (each token's log-sum-exp instead), as estimated."""
+    cfg = tiny(FAMILIES["dense"])
+    fused_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk_tokens=16))
+    model = build_model(MODEL, 0).train()
+    plain = saved_bytes(model, tokens)
+    model.loss_chunk_tokens = 16
+    fused = saved_bytes(model, tokens)
+    assert estimate(fused_cfg) == pytest.approx(fused, rel=TOLERANCE)
+    assert estimate(cfg) - estimate(fused_cfg) == pytest.approx(plain - fused, rel=TOLERANCE)
 
 
 def test_tensor_parallel_shapes_shrink_as_estimated(tokens):
