@@ -10,18 +10,9 @@ step's start (CPU; the allocator's peak on CUDA), this thread's CPU time and wal
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import sys
-
 import torch
 
-from bench.lory_layer import saved_bytes
-from bench.recompute import FIELDS, MALLOC, step
-from megamoe.config import load_config
-from megamoe.model import build_model
+from bench.recompute import cells, compare, header, model_and_batch, parse_args
 
 SIZES = {
     "crossover": ["model.vocab_size=4096", "model.d_model=128", "model.num_layers=4", "model.num_heads=4",
@@ -36,55 +27,26 @@ SIZES = {
 
 def measure(overrides: list[str], chunks: list[int], rounds: int, device: torch.device) -> dict[int, dict]:
     """Per chunk size (0 = plain): saved bytes, and the median peak bytes, CPU and wall seconds of a step."""
-    cfg = load_config(None, overrides)
-    model = build_model(cfg.model, 0).to(device).train()
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1), generator=gen)
-    tokens = tokens.to(device)
-    runs: dict[int, list[tuple[float, float, int]]] = {c: [] for c in chunks}
-    saved = {}
-    for r in range(rounds + 1):  # round 0 is the warm-up
-        for chunk in chunks:
-            model.loss_chunk_tokens = chunk
-            if r == 0:
-                saved[chunk] = saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]), model)
-            result = step(model, tokens)
-            if r > 0:
-                runs[chunk].append(result)
-    return {
-        c: {"saved": saved[c], "peak": statistics.median(p for _, _, p in runs[c]),
-            "seconds": statistics.median(s for s, _, _ in runs[c]), "cpu": statistics.median(u for _, u, _ in runs[c])}
-        for c in chunks
-    }  # fmt: skip
+    model, tokens = model_and_batch(overrides, device)
+    settings = {chunk: lambda chunk=chunk: setattr(model, "loss_chunk_tokens", chunk) for chunk in chunks}
+    return compare(model, tokens, settings, rounds)
+
+
+def _chunks_arg(ap) -> None:
+    """--chunks: the train.loss_chunk_tokens values measured beside the plain path."""
+    ap.add_argument("--chunks", nargs="+", type=int, default=[512, 2048], help="train.loss_chunk_tokens values")
 
 
 def main() -> None:
     """Print the machine and one table row per (size, chunk)."""
-    if sys.platform == "linux" and MALLOC not in os.environ and not torch.cuda.is_available():
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, MALLOC: "65536"})
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["crossover", "vocab32k"], choices=list(SIZES))
-    ap.add_argument("--chunks", nargs="+", type=int, default=[512, 2048], help="train.loss_chunk_tokens values")
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every chunk size once)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: CPU time is all on this thread)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model, one timed round")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    sizes, rounds = (["smoke"], 1) if args.smoke else (args.sizes, args.steps)
-    chunks = [0, *args.chunks]
+    args, sizes, rounds = parse_args(__doc__, SIZES, ["crossover", "vocab32k"], _chunks_arg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory = "peak allocated" if device.type == "cuda" else "peak RSS"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {device.type}, fp32; load {os.getloadavg()}\n")  # fmt: skip
-    print(f"| model | loss | saved MiB | saved / plain | {memory} MiB | peak / plain | step CPU ms | CPU / plain "
-          "| step wall ms | wall / plain |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header("loss", "plain", device)
     for size in sizes:
-        res = measure(SIZES[size], chunks, rounds, device)
+        res = measure(SIZES[size], [0, *args.chunks], rounds, device)
         for chunk, r in res.items():
-            cells = [f"{r[k] / s:,.{d}f} | {r[k] / res[0][k]:.2f}" for k, s, d in FIELDS]
             label = f"fused, {chunk} tokens" if chunk else "plain"
-            print(f"| {size} | {label} | {' | '.join(cells)} |", flush=True)
+            print(f"| {size} | {label} | {cells(r, res[0])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -100,30 +100,56 @@ def step(model, tokens_BL: torch.Tensor) -> tuple[float, float, int]:
     return seconds, cpu, torch.cuda.max_memory_allocated() - base if cuda else rss.peak
 
 
-def measure(overrides: list[str], rounds: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Saved bytes, median peak bytes and median seconds of every recompute mode on one model."""
-    cfg = load_config(None, ["model.vocab_size=4096", *overrides])
+def compare(model, tokens_BL: torch.Tensor, settings: dict, rounds: int) -> dict:
+    """Per setting (key → a function that applies it to the model): saved bytes, and the median peak bytes,
+    CPU and wall seconds of a step; the settings run in turn, round after round, after a warm-up round."""
+    runs: dict = {key: [] for key in settings}
+    saved = {}
+    for r in range(rounds + 1):  # round 0 is the warm-up
+        for key, apply in settings.items():
+            apply()
+            if r == 0:
+                saved[key] = saved_bytes(lambda: model(tokens_BL[:, :-1], tokens_BL[:, 1:]), model)
+            result = step(model, tokens_BL)
+            if r > 0:
+                runs[key].append(result)
+    return {
+        key: {"saved": saved[key], "peak": statistics.median(p for _, _, p in runs[key]),
+              "seconds": statistics.median(s for s, _, _ in runs[key]),
+              "cpu": statistics.median(c for _, c, _ in runs[key])}
+        for key in settings
+    }  # fmt: skip
+
+
+def model_and_batch(overrides: list[str], device: torch.device):
+    """The configured model (in training mode, past any dense warm-up) and one micro-batch of token ids."""
+    cfg = load_config(None, overrides)
     model = build_model(cfg.model, 0, moe=cfg.moe).to(device).train()
     model.set_dense_phase(False)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1), generator=gen)
-    tokens = tokens.to(device)
-    runs: dict[str, list[tuple[float, float, int]]] = {mode: [] for mode in MODES}
-    saved = {}
-    for r in range(rounds + 1):  # round 0 is the warm-up
-        for mode in MODES:
-            set_recompute(model, mode)
-            if r == 0:
-                saved[mode] = saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]), model)
-            result = step(model, tokens)
-            if r > 0:
-                runs[mode].append(result)
-    return {
-        mode: {"saved": saved[mode], "peak": statistics.median(p for _, _, p in runs[mode]),
-               "seconds": statistics.median(s for s, _, _ in runs[mode]),
-               "cpu": statistics.median(c for _, c, _ in runs[mode])}
-        for mode in MODES
-    }  # fmt: skip
+    return model, tokens.to(device)
+
+
+def measure(overrides: list[str], rounds: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Saved bytes, median peak bytes and median seconds of every recompute mode on one model."""
+    model, tokens = model_and_batch(["model.vocab_size=4096", *overrides], device)
+    return compare(model, tokens, {mode: lambda mode=mode: set_recompute(model, mode) for mode in MODES}, rounds)
+
+
+def header(first: str, baseline: str, device: torch.device) -> None:
+    """Print the machine and the table's head (ratios to `baseline`)."""
+    memory = "peak allocated" if device.type == "cuda" else "peak RSS"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {device.type}, fp32; load {os.getloadavg()}\n")  # fmt: skip
+    print(f"| model | {first} | saved MiB | saved / {baseline} | {memory} MiB | peak / {baseline} | step CPU ms "
+          f"| CPU / {baseline} | step wall ms | wall / {baseline} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+
+def cells(row: dict, base: dict) -> str:
+    """A result's table cells, each figure followed by its ratio to the baseline's."""
+    return " | ".join(f"{row[k] / s:,.{d}f} | {row[k] / base[k]:.2f}" for k, s, d in FIELDS)
 
 
 def expert_width(overrides: list[str]) -> list[str]:
@@ -134,31 +160,33 @@ def expert_width(overrides: list[str]) -> list[str]:
     return [o for o in overrides if o != "moe.expert_hidden_size=-1"] + [f"moe.expert_hidden_size={width}"]
 
 
-def main() -> None:
-    """Print the machine and one table row per (size, family, mode)."""
+def parse_args(doc: str, sizes: dict, default_sizes: list[str], add=None) -> tuple[argparse.Namespace, list[str], int]:
+    """Re-run under MALLOC_MMAP_THRESHOLD_ (CPU: the resident size then follows the live tensors), parse
+    --sizes/--steps/--threads/--smoke (and what `add` adds), set the threads; (args, sizes, timed rounds)."""
     if sys.platform == "linux" and MALLOC not in os.environ and not torch.cuda.is_available():
         os.execve(sys.executable, sys.orig_argv, {**os.environ, MALLOC: "65536"})
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every mode once)")
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=default_sizes, choices=list(sizes))
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every setting once)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: CPU time is all on this thread)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, one timed round")
+    if add:
+        add(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sizes, rounds = (["smoke"], 1) if args.smoke else (args.sizes, args.steps)
+    return args, *((["smoke"], 1) if args.smoke else (args.sizes, args.steps))
+
+
+def main() -> None:
+    """Print the machine and one table row per (size, family, mode)."""
+    _, sizes, rounds = parse_args(__doc__, SIZES, ["tiny", "small"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory = "peak allocated" if device.type == "cuda" else "peak RSS"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {device.type}, fp32; load {os.getloadavg()}\n")  # fmt: skip
-    print(f"| model | recompute | saved MiB | saved / none | {memory} MiB | peak / none | step CPU ms | CPU / none "
-          "| step wall ms | wall / none |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header("recompute", "none", device)
     for size in sizes:
         for family, extra in FAMILIES.items():
             res = measure(expert_width([*SIZES[size], *extra]), rounds, device)
             for mode, r in res.items():
-                cells = [f"{r[k] / s:,.{d}f} | {r[k] / res['none'][k]:.2f}" for k, s, d in FIELDS]
-                print(f"| {size} {family} | {mode} | {' | '.join(cells)} |", flush=True)
+                print(f"| {size} {family} | {mode} | {cells(r, res['none'])} |", flush=True)
 
 
 if __name__ == "__main__":
