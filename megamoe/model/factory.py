@@ -104,8 +104,13 @@ class LayerFactory:
     ) -> torch.Tensor:
         """The LM head fused with token_loss, `chunk` tokens at a time (no logits are kept) → loss_BL."""
         w_VD = head.weight if tied_VD is None else tied_VD
-        loss_N = linear_cross_entropy(hn_LBD.flatten(0, 1), w_VD, targets_BL.t().flatten(), chunk)
-        return loss_N.view(hn_LBD.shape[:2]).t()
+        h_LBD, group, vocab_start = self.head_region(hn_LBD, w_VD)
+        loss_N = linear_cross_entropy(h_LBD.flatten(0, 1), w_VD, targets_BL.t().flatten(), chunk, group, vocab_start)
+        return loss_N.view(h_LBD.shape[:2]).t()
+
+    def head_region(self, hn_LBD: torch.Tensor, w_VD: torch.Tensor) -> tuple[torch.Tensor, object, int]:
+        """The head's input as its matmul sees it, the group its vocabulary is split over, and this rank's first row."""
+        return hn_LBD, None, 0
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in fp32 over the (possibly vocab-parallel) logits → loss_BL."""

@@ -36,7 +36,6 @@ from megamoe.model.factory import LayerFactory
 from megamoe.model.layers import RMSNorm
 from megamoe.model.moe.experts import GroupedExperts
 from megamoe.model.moe.tokens import TokenGroup
-from megamoe.ops.linear_ce import linear_cross_entropy
 from megamoe.parallel.comm import gather_sequence, reduce_scatter_sequence, scatter_sequence
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.moe import AllToAllDispatcher, ParallelTokenGroup
@@ -217,15 +216,12 @@ class ParallelFactory(LayerFactory):
     def token_group(self) -> TokenGroup:
         return ParallelTokenGroup(self.groups.tp, self.groups.dp, self.sequence_parallel)
 
-    def head_loss(self, head, hn_LBD, tied_VD, targets_BL, chunk: int) -> torch.Tensor:
-        """The vocab-parallel head fused with the loss: enter the TP region, then each rank's vocabulary rows."""
+    def head_region(self, hn_LBD, w_VD):
+        """Under TP the vocab-parallel head's input enters the TP region (the sequence gather under SP)."""
         if self.tp_size == 1:
-            return super().head_loss(head, hn_LBD, tied_VD, targets_BL, chunk)
+            return super().head_region(hn_LBD, w_VD)
         h_LBD = _enter_tp(hn_LBD, self._tp, self.sequence_parallel)
-        w_VD = head.weight if tied_VD is None else tied_VD
-        start = dist.get_rank(self._tp) * w_VD.shape[0]
-        loss_N = linear_cross_entropy(h_LBD.flatten(0, 1), w_VD, targets_BL.t().flatten(), chunk, self._tp, start)
-        return loss_N.view(h_LBD.shape[:2]).t()
+        return h_LBD, self._tp, dist.get_rank(self._tp) * w_VD.shape[0]
 
     def token_loss(self, logits_LBV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """megatron-core's vocab-parallel cross-entropy (fp32) → loss_BL.
