@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from megamoe.utils.fs import atomic_write_text
+
 BEGIN = re.compile(r"^<!-- report: (?P<anchor>.+?) -->$")
 END = "<!-- /report -->"
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for anchor in changed:
             print(f"{args.page}: the block after {anchor!r} differs from {args.report}")
         return 1 if changed else 0
-    args.page.write_text(text)
+    atomic_write_text(args.page, text)  # a kill mid-write leaves the old page, never half of it
     print(f"{args.page}: {len(changed)} block(s) rewritten" + (f" ({', '.join(changed)})" if changed else ""))
     return 0
 
