@@ -13,7 +13,6 @@ with --rounds N, the median (and range) of N interleaved rounds' ratios, for a m
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
@@ -24,6 +23,7 @@ from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
 from megamoe.model.layers import SwiGLU
 from megamoe.model.moe.lory import LoryFFN
+from megamoe.utils.host import describe_device
 
 
 def saved_bytes(step, module: torch.nn.Module) -> int:
@@ -108,7 +108,7 @@ def main() -> None:
     dense_s, ratios = interleaved(dense, layers, x, args)
     t_dense, m_dense = statistics.median(dense_s), peak_bytes(dense, x)
     threads = torch.get_num_threads()
-    print(f"machine: {platform.machine()} / {args.device}, torch {torch.__version__}, {threads} threads")
+    print(f"machine: {describe_device(args.device)}; torch {torch.__version__}, {threads} threads")
     print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, merge {args.impl}")
     print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
     print(f"dense SwiGLU: {args.tokens / t_dense:,.0f} tokens/s (median), memory {m_dense / 2**20:.1f} MiB\n")

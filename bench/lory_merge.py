@@ -15,7 +15,6 @@ forward+backward above the inputs, parameters and their gradients (CUDA only).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.ops.lory import merged_swiglu_reference
+from megamoe.utils.host import describe_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
+    name = describe_device(device)
     ceiling = matmul_ceiling(dtype, device)
     print(f"{name}, torch {torch.__version__}, {args.dtype}; matmul ceiling {ceiling:.0f} TFLOP/s")
     print(f"D {args.dim}, F {args.hidden}, T {args.segment}, {args.seqs} × {args.seq_len} tokens\n")

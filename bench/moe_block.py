@@ -10,7 +10,6 @@ backward; the best of the repeats is reported.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -20,6 +19,7 @@ from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
 from megamoe.model.layers import SwiGLU
 from megamoe.model.moe import MoEFFN
+from megamoe.utils.host import describe_device
 
 
 def timed(step, repeats: int) -> float:
@@ -60,7 +60,7 @@ def main() -> None:
     model = ModelConfig(d_model=dim, num_heads=4, seq_len=args.tokens // seqs, vocab_size=64, ffn_hidden_size=hidden)
     x = torch.randn(args.tokens // seqs, seqs, dim, device=args.device)
     threads = torch.get_num_threads()
-    print(f"machine: {platform.machine()} / {args.device}, torch {torch.__version__}, {threads} threads")
+    print(f"machine: {describe_device(args.device)}; torch {torch.__version__}, {threads} threads")
     print(f"d_model {dim}, expert width F {hidden}, {args.tokens} tokens, fp32, dropless top-k\n")
     print("| experts E | top-k | MoE tokens/s | dense (k·F) tokens/s | MoE / dense |\n|---|---|---|---|---|")
     for num_experts in (8, 32):

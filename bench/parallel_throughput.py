@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from megamoe.utils.host import describe_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"tp1-dp1": (1, 1), "tp2-dp1": (2, 1), "tp1-dp2": (1, 2), "tp2-dp2": (2, 2)}
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--data-cache", default=str(REPO / ".cache" / "megamoe"))
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo")
+    print(f"machine: {describe_cpu()}; torch {torch.__version__}, gloo")
     print("| layout | ranks | tokens/s | ratio to tp1-dp1 |\n|---|---|---|---|")
     base = None
     with tempfile.TemporaryDirectory() as tmp:

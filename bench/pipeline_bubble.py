@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from megamoe.utils.host import describe_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -104,7 +105,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     micro = single_process_microbatch(args, reps=1 if args.smoke else 5)
-    print(f"machine: {platform.machine()}, {cores} cores, torch {torch.__version__}, gloo; load {os.getloadavg()}")
+    print(f"machine: {describe_cpu()}; torch {torch.__version__}, gloo; load {os.getloadavg()}")
     print(f"model: d {args.d_model}, {args.layers} blocks, seq {args.seq}, vocab {args.vocab}, micro-batch {args.mb}")
     print(f"single process ({cores} threads): {micro * 1e3:.1f} ms per micro-batch forward+backward\n")
     print(

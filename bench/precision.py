@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from megamoe.config import load_config
 from megamoe.model import build_model
 from megamoe.train.optim import build_optimizer
+from megamoe.utils.host import describe_cpu
 
 FAMILIES = {
     "dense": [],
@@ -82,7 +82,7 @@ def main() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
     native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    print(f"machine: {platform.processor() or platform.machine()}, bf16 instructions: {native or 'none'}")
+    print(f"machine: {describe_cpu()}; bf16 instructions: {native or 'none'}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 8 × 256 tokens per step\n")
     print("| family | d_model | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
     print("|---|---|---|---|---|")

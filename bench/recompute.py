@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -33,6 +32,7 @@ from bench.lory_layer import saved_bytes
 from megamoe.config import load_config
 from megamoe.model import build_model
 from megamoe.model.recompute import MODES, set_recompute
+from megamoe.utils.host import describe_device
 
 SIZES = {
     "tiny": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4", "model.seq_len=256",
@@ -140,7 +140,7 @@ def measure(overrides: list[str], rounds: int, device: torch.device) -> dict[str
 def header(first: str, baseline: str, device: torch.device) -> None:
     """Print the machine and the table's head (ratios to `baseline`)."""
     memory = "peak allocated" if device.type == "cuda" else "peak RSS"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+    print(f"machine: {describe_device(device)}; {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {device.type}, fp32; load {os.getloadavg()}\n")  # fmt: skip
     print(f"| model | {first} | saved MiB | saved / {baseline} | {memory} MiB | peak / {baseline} | step CPU ms "
           f"| CPU / {baseline} | step wall ms | wall / {baseline} |")  # fmt: skip

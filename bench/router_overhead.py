@@ -9,7 +9,6 @@ Two timings per variant, forward+backward, best of the repeats:
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
@@ -21,6 +20,7 @@ from megamoe.model.moe import MoEFFN
 from megamoe.model.moe.gru import GRUCell
 from megamoe.model.moe.routing import route
 from megamoe.model.moe.state import RoutingState
+from megamoe.utils.host import describe_device
 
 VARIANTS = {
     "linear + top-2": ["moe.routing=topk"],
@@ -75,7 +75,7 @@ def main() -> None:
     x_LBD = torch.randn(args.tokens // seqs, seqs, 256, device=args.device, requires_grad=True)
     x_TD = x_LBD.detach().reshape(-1, 256).requires_grad_()
     print(
-        f"machine: {platform.machine()} / {args.device}, torch {torch.__version__}; "
+        f"machine: {describe_device(args.device)}; torch {torch.__version__}; "
         f"d 256, 8 experts of 704, {args.tokens} tokens\n"
     )
     print("| router | router time (ms) | router ratio | MoE block time (ms) | block ratio |\n|---|---|---|---|---|")

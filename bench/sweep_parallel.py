@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from megamoe.sweep.spec import Sweep, load_sweep
+from megamoe.utils.host import describe_cpu
 
 UNTIMED = ["train.eval_interval=1000000", "train.checkpoint_interval=1000000", "train.checkpoint_steps=[]"]
 MEGAMOE = [sys.executable, "-m", "megamoe"]
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args()
     sweep = load_sweep(Path(args.sweep))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.sweep}, {args.steps} steps a run\n")
+    print(f"machine: {describe_cpu()}; {args.sweep}, {args.steps} steps a run\n")
     print("| variant | runs × threads | wall | steps/s (all runs) | tokens/s (sum of medians) |\n|---|---|---|---|---|")
     work = Path(tempfile.mkdtemp(prefix="sweep_parallel_"))  # kept (with the runs' logs) if a run fails
     for variant in args.variants:

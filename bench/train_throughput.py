@@ -7,7 +7,6 @@ runs warm-up steps, then timed optimizer steps of the default batch (16 × 256 t
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -17,6 +16,7 @@ from megamoe.model import build_model
 from megamoe.model.params import count_parameters, flops_per_token
 from megamoe.train.flops import measure_matmul_tflops
 from megamoe.train.optim import build_optimizer
+from megamoe.utils.host import describe_cpu
 
 VARIANTS = {
     "default (d256 L4 h4)": [],
@@ -52,10 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     peak = measure_matmul_tflops()
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
+    print(f"machine: {describe_cpu()}; {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"fp32 matmul peak (1024², measured): {peak:.3f} TFLOP/s\n")
     print("| variant | tokens/s | ratio to default | MFU vs measured matmul |")
     print("|---|---|---|---|")

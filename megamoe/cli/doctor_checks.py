@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megamoe.utils.host import describe_cpu
+
 MATMUL_CORRECT = 1e-2
 """Relative error of a bf16 matmul (fp32 accumulation, bf16 output: ~2e-3) or an fp32 one, against fp32/fp64."""
 
@@ -121,27 +123,13 @@ def stack() -> list[Check]:
     return checks
 
 
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (else platform's answer)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_check(device: torch.device, name: str) -> Check:
     """What the device is: GPU name, memory and compute capability, or the CPU and its kernel family."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         what = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
         return Check("devices", name, "ok", what)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    isa = torch.backends.cpu.get_cpu_capability()
-    return Check("devices", name, "ok", f"{_cpu_name()}, {cores} cores usable, ATen {isa}")
+    return Check("devices", name, "ok", describe_cpu())
 
 
 def _sync(device: torch.device) -> None:

@@ -1,1 +1,1 @@
-"""Small shared helpers (filesystem, hashing)."""
+"""Small shared helpers (filesystem, locks, process trees, the host CPU)."""
