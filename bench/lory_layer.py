@@ -1,13 +1,15 @@
 """Lory layer forward+backward time and memory against a dense SwiGLU of the same active size.
 
 Usage: python -m bench.lory_layer [--tokens N] [--repeats R] [--rounds N] [--experts E ...] [--segments T ...]
-       [--device cpu|cuda] [--impl reference|triton]
+       [--threads N ...] [--device cpu|cuda] [--impl reference|triton]
 A Lory layer with E experts of width F merges all three matrices once per segment of T tokens;
 every token then goes through one merged FFN of width F — the dense SwiGLU of width F is the
 same active size. Memory: on CUDA the peak allocated during forward+backward above what was
 allocated before; on CPU (no allocator statistics) the activations autograd saves for backward,
 parameters excluded — what the merge recomputation keeps small. Ratios are Lory / dense, measured in one run:
 with --rounds N, the median (and range) of N interleaved rounds' ratios, for a machine shared with other work.
+--threads 1 2 measures each intra-op thread count in every round: the ratio depends on it on CPU
+(the dense GEMM gains more from a second core than the Lory layer's memory-bound merges).
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--segments", type=int, nargs="+", default=[64, 256], help="segment lengths T")
-    return parser.parse_args()
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="intra-op thread counts (CPU)"
+    )
+    args = parser.parse_args()
+    if min(args.threads) < 1:
+        parser.error(f"--threads: expected counts of at least 1, got {args.threads}")
+    return args
 
 
 def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[int, int], LoryFFN]:
@@ -83,16 +91,19 @@ def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[int,
     return layers
 
 
-def interleaved(dense, layers: dict, x: torch.Tensor, args: argparse.Namespace) -> tuple[list, dict]:
-    """Per round the dense step, then each Lory layer's: the dense times and each layer's Lory / dense ratios.
+def interleaved(dense, layers: dict, x: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Per round and thread count the dense step, then each Lory layer's: dense times and Lory / dense ratios.
 
     A load change on a shared machine then moves a round's dense and Lory times together, and the
-    median of the per-round ratios discards the rounds it hit unevenly."""
-    dense_s, ratios = [], {key: [] for key in layers}
+    median of the per-round ratios discards the rounds it hit unevenly. Keys: threads, and (threads, E, T)."""
+    dense_s = {threads: [] for threads in args.threads}
+    ratios = {(threads, *key): [] for threads in args.threads for key in layers}
     for _ in range(args.rounds):
-        dense_s.append(timed(fwd_bwd(dense, x), args.repeats))
-        for key, layer in layers.items():
-            ratios[key].append(timed(fwd_bwd(layer, x), args.repeats) / dense_s[-1])
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            dense_s[threads].append(timed(fwd_bwd(dense, x), args.repeats))
+            for key, layer in layers.items():
+                ratios[(threads, *key)].append(timed(fwd_bwd(layer, x), args.repeats) / dense_s[threads][-1])
     return dense_s, ratios
 
 
@@ -106,26 +117,28 @@ def main() -> None:
     init_parameters(dense, model, seed=0)
     layers = lory_layers(args, model)
     dense_s, ratios = interleaved(dense, layers, x, args)
-    t_dense, m_dense = statistics.median(dense_s), peak_bytes(dense, x)
-    threads = torch.get_num_threads()
-    print(f"machine: {describe_device(args.device)}; torch {torch.__version__}, {threads} threads")
+    dense_tps = {threads: args.tokens / statistics.median(times) for threads, times in dense_s.items()}
+    m_dense = peak_bytes(dense, x)
+    print(f"machine: {describe_device(args.device)}; torch {torch.__version__}")
     print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, merge {args.impl}")
     print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
-    print(f"dense SwiGLU: {args.tokens / t_dense:,.0f} tokens/s (median), memory {m_dense / 2**20:.1f} MiB\n")
-    print_table(layers, ratios, x, args.tokens / t_dense, m_dense)
+    for threads, tps in dense_tps.items():
+        print(f"dense SwiGLU, {threads} threads: {tps:,.0f} tokens/s (median)")
+    print(f"dense SwiGLU memory: {m_dense / 2**20:.1f} MiB\n")
+    print_table(layers, ratios, x, dense_tps, m_dense)
 
 
-def print_table(layers: dict, ratios: dict, x: torch.Tensor, dense_tps: float, m_dense: int) -> None:
-    """One row per (E, T): the median Lory / dense time ratio over the rounds, its range, and the memory."""
-    print("| E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense (median) | range | memory MiB "
-          "| memory Lory / dense |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for (num_experts, seg), layer in layers.items():
-        rounds = ratios[num_experts, seg]
-        ratio, m_lory = statistics.median(rounds), peak_bytes(layer, x)
+def print_table(layers: dict, ratios: dict, x: torch.Tensor, dense_tps: dict, m_dense: int) -> None:
+    """One row per (threads, E, T): the median Lory / dense time ratio over the rounds, its range, and the memory."""
+    print("| threads | E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense (median) | range "
+          "| memory MiB | memory Lory / dense |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    memory = {key: peak_bytes(layer, x) for key, layer in layers.items()}
+    for (threads, num_experts, seg), rounds in ratios.items():
+        ratio, m_lory = statistics.median(rounds), memory[num_experts, seg]
         spread = f"{min(rounds):.2f}–{max(rounds):.2f}"
         print(
-            f"| {num_experts} | {seg} | {num_experts / seg:.3f} | {dense_tps / ratio:,.0f} | "
+            f"| {threads} | {num_experts} | {seg} | {num_experts / seg:.3f} | {dense_tps[threads] / ratio:,.0f} | "
             f"{ratio:.2f} | {spread} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
         )
 

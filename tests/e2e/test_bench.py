@@ -79,13 +79,16 @@ def test_precision_tiny():
 
 
 def test_lory_layer_rounds_tiny():
-    """Every chosen (E, T) gets a row, in order, with a median ratio inside its range over the rounds."""
+    """Every chosen (threads, E, T) gets a row, in order, with a median ratio inside its range over the rounds."""
     args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1", "--rounds", "3"]
-    rows = table_rows(bench("bench.lory_layer", *args, "--experts", "2", "4", "--segments", "16", "64"))
-    assert [r[:2] for r in rows] == [["2", "16"], ["4", "16"], ["2", "64"], ["4", "64"]]
+    out = bench("bench.lory_layer", *args, "--experts", "2", "4", "--segments", "16", "64", "--threads", "1", "2")
+    rows = table_rows(out)
+    keys = [[t, e, seg] for t in ("1", "2") for seg in ("16", "64") for e in ("2", "4")]
+    assert [r[:3] for r in rows] == keys
     for r in rows:
-        low, high = (float(v) for v in r[5].split("–"))
-        assert low <= float(r[4]) <= high and float(r[6]) > 0
+        low, high = (float(v) for v in r[6].split("–"))
+        assert low <= float(r[5]) <= high and float(r[7]) > 0
+    assert "dense SwiGLU, 1 threads:" in out and "dense SwiGLU, 2 threads:" in out
 
 
 def test_prepare_throughput_tiny():
