@@ -14,14 +14,13 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from megamoe.config import load_config
 from megamoe.model import build_model
 from megamoe.train.optim import build_optimizer
-from megamoe.utils.host import describe_cpu
+from megamoe.utils.host import describe_cpu, native_bf16
 
 FAMILIES = {
     "dense": [],
@@ -79,9 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
     args = parser.parse_args()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    native = native_bf16()
     print(f"machine: {describe_cpu()}; bf16 instructions: {native or 'none'}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 8 × 256 tokens per step\n")
     print("| family | d_model | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.utils.host import describe_cpu
+from megamoe.utils.host import describe_cpu, native_bf16
 
 MATMUL_CORRECT = 1e-2
 """Relative error of a bf16 matmul (fp32 accumulation, bf16 output: ~2e-3) or an fp32 one, against fp32/fp64."""
@@ -129,7 +129,9 @@ def device_check(device: torch.device, name: str) -> Check:
         props = torch.cuda.get_device_properties(device)
         what = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
         return Check("devices", name, "ok", what)
-    return Check("devices", name, "ok", describe_cpu())
+    native = native_bf16()
+    bf16 = "unknown" if native is None else ", ".join(native) or "none (bf16 autocast is emulated, slow)"
+    return Check("devices", name, "ok", f"{describe_cpu()}, native bf16: {bf16}")
 
 
 def _sync(device: torch.device) -> None:

@@ -51,6 +51,7 @@ from megamoe.train.router_probe import RouterHealth
 from megamoe.train.run import RunSetup
 from megamoe.train.upcycle import upcycle, warmup_steps
 from megamoe.utils.fs import atomic_write_json
+from megamoe.utils.host import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ def pick_device(name: str) -> torch.device:
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """train.precision resolved: bf16 explicitly, or auto on CUDA."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def emulated_bf16_warning(device: torch.device, bf16: bool, native: list[str] | None) -> str | None:
+    """What to tell a user who runs bf16 on a CPU without native bf16 (None when nothing is wrong or unknown)."""
+    if not bf16 or device.type != "cpu" or native is None or native:
+        return None
+    return (
+        "train.precision=bf16 on a CPU without native bf16 (no amx_bf16 or avx512_bf16 in /proc/cpuinfo): "
+        "autocast emulates it, at 0.03-0.11x the fp32 speed on such a CPU (docs/benchmarks.md); "
+        "train.precision=fp32 (or auto) is the fast choice here"
+    )
 
 
 class Trainer:
@@ -118,6 +130,8 @@ class Trainer:
     def _engine(self):
         """PlainEngine in a single process, DeepSpeed's engine across processes."""
         bf16 = uses_bf16(self.groups.device, self.cfg.train.precision)
+        if is_main() and (warning := emulated_bf16_warning(self.groups.device, bf16, native_bf16())):
+            log.warning(warning)
         layout = self.groups.layout
         if not self.groups.distributed:
             return PlainEngine(self.model, self.cfg.optim, layout.micro_batches, bf16)

@@ -1,7 +1,8 @@
-"""What CPU a figure was measured on: its model name, usable cores and ATen's kernel family.
+"""What CPU a figure was measured on (model name, usable cores, ATen's kernel family), and whether it runs bf16.
 
 Benchmarks print this so a record says which kind of CPU it is from (an AMD and an Intel machine
-both report x86_64, and their ratios differ)."""
+both report x86_64, and their ratios differ). A CPU without native bf16 emulates bf16 autocast at a
+small fraction of the fp32 speed (docs/benchmarks.md), which the trainer warns about."""
 
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of the instructions that run bf16 matmuls natively (Intel AMX, AVX512-BF16)."""
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
+    """The native-bf16 flags this CPU has ([] for none), or None where /proc/cpuinfo cannot tell."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
 
 
 def usable_cores() -> int:

@@ -18,7 +18,8 @@ import torch
 import megamoe.train.checkpoint as ckpt
 from megamoe.errors import CheckpointError, MegamoeError
 from megamoe.train.metrics import read_metrics
-from megamoe.train.trainer import Trainer
+from megamoe.train.trainer import Trainer, emulated_bf16_warning
+from megamoe.utils.host import native_bf16
 from tests.distributed.parity import read_state
 from tests.util import TINY, single_process_trainer, tiny_config
 
@@ -362,3 +363,18 @@ def test_recompute_trains_identically(mode, data_cache, tiny_data, tmp_path):
     assert norms[0] == norms[1]
     for (name, p), q in zip(plain.model.named_parameters(), again.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_emulated_bf16_warning_only_for_bf16_on_a_cpu_without_it():
+    """The warning names the key and the fix; fp32, CUDA, native bf16 and an unknown CPU stay quiet."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    warning = emulated_bf16_warning(cpu, True, [])
+    assert warning and "train.precision=bf16" in warning and "train.precision=fp32" in warning
+    for args in ((cpu, False, []), (cuda, True, []), (cpu, True, ["amx_bf16"]), (cpu, True, None)):
+        assert emulated_bf16_warning(*args) is None
+
+
+def test_trainer_warns_of_emulated_bf16_on_this_cpu(data_cache, tiny_data, tmp_path, caplog):
+    """A bf16 run on this machine's CPU warns exactly when /proc/cpuinfo shows no native bf16 (AMD here, not AMX)."""
+    single_process_trainer(tiny_config(data_cache, tmp_path / "run", "train.precision=bf16", "train.device=cpu"))
+    assert ("autocast emulates it" in caplog.text) == (native_bf16() == [])

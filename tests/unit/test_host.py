@@ -33,3 +33,17 @@ def test_describe_cpu_names_cores_and_kernel_family():
     assert f"{host.usable_cores()} cores usable" in line
     assert line.endswith(f"ATen {torch.backends.cpu.get_cpu_capability()}")
     assert host.describe_device("cpu") == line
+
+
+def test_native_bf16_reads_the_flags_line(tmp_path):
+    """AMX and AVX512-BF16 count; an AVX2-only CPU has none; no flags line or no file is unknown (None)."""
+    cases = {
+        AMD: [],
+        INTEL + "flags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n": ["amx_bf16", "avx512_bf16"],
+        INTEL + "flags\t\t: avx2 avx512f avx512_bf16\n": ["avx512_bf16"],
+        INTEL: None,
+    }
+    for text, expected in cases.items():
+        (tmp_path / "cpuinfo").write_text(text)
+        assert host.native_bf16(tmp_path / "cpuinfo") == expected
+    assert host.native_bf16(tmp_path / "missing") is None
