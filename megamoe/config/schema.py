@@ -405,7 +405,7 @@ class TrainConfig:
     seed: int = 1234
     """Seed of model initialization and data sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU."""
+    """Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU (bf16 without AMX/AVX512-BF16: 10–30× slower)."""
     pipeline_microbatches: int = 0
     """Pipeline micro-batches per step; 0 = global_batch_size / (micro_batch_size · data-parallel degree)."""
     recompute: Literal["none", "selective", "full"] = "none"
