@@ -12,31 +12,35 @@ from pathlib import Path
 
 import torch
 
+CPUINFO = Path("/proc/cpuinfo")
 
-def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU model from /proc/cpuinfo (else platform's answer)."""
+
+def _cpuinfo_field(key: str, cpuinfo: Path) -> str | None:
+    """The value of the first `key : value` line of /proc/cpuinfo, or None (no such line, or no file)."""
     try:
         with cpuinfo.open() as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_name(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU model from /proc/cpuinfo (else platform's answer)."""
+    name = _cpuinfo_field("model name", cpuinfo)
+    return name if name is not None else platform.processor() or platform.machine() or "unknown CPU"
 
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """/proc/cpuinfo flags of the instructions that run bf16 matmuls natively (Intel AMX, AVX512-BF16)."""
 
 
-def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
+def native_bf16(cpuinfo: Path = CPUINFO) -> list[str] | None:
     """The native-bf16 flags this CPU has ([] for none), or None where /proc/cpuinfo cannot tell."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+    flags = _cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else [flag for flag in NATIVE_BF16_FLAGS if flag in flags.split()]
 
 
 def usable_cores() -> int:
