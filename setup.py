@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["megamoe", "megamoe.*"]), "megamoe_kernels"],
     package_dir={"megamoe_kernels": "kernels"},
-    package_data={"megamoe.interop": ["tasks/*/*.yaml"]},
+    package_data={"megamoe.interop": ["tasks/*/*.yaml"], "megamoe.ops": ["*.c"]},
     install_requires=[
         # torch is installed first by the Makefile (the CPU wheel, or the CUDA image's own);
         # a range that the installed torch satisfies pulls nothing more.

@@ -1,7 +1,7 @@
 """Lory layer forward+backward time and memory against a dense SwiGLU of the same active size.
 
 Usage: python -m bench.lory_layer [--tokens N] [--repeats R] [--rounds N] [--experts E ...] [--segments T ...]
-       [--threads N ...] [--device cpu|cuda] [--impl reference|triton]
+       [--threads N ...] [--device cpu|cuda] [--impl reference|triton|cpu|auto ...]
 A Lory layer with E experts of width F merges all three matrices once per segment of T tokens;
 every token then goes through one merged FFN of width F — the dense SwiGLU of width F is the
 same active size. Memory: on CUDA the peak allocated during forward+backward above what was
@@ -10,6 +10,7 @@ parameters excluded — what the merge recomputation keeps small. Ratios are Lor
 with --rounds N, the median (and range) of N interleaved rounds' ratios, for a machine shared with other work.
 --threads 1 2 measures each intra-op thread count in every round: the ratio depends on it on CPU
 (the dense GEMM gains more from a second core than the Lory layer's memory-bound merges).
+--impl reference cpu measures each merge path (moe.merge_impl) in every round, for an A/B in one run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megamoe.model.factory import LayerFactory
 from megamoe.model.init import init_parameters
 from megamoe.model.layers import SwiGLU
 from megamoe.model.moe.lory import LoryFFN
+from megamoe.ops.lory import resolve_merge_impl
 from megamoe.utils.host import describe_device
 
 
@@ -64,7 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="fwd+bwd passes per timing; the best counts")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: dense, then every Lory config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impl", default="reference", choices=("reference", "triton"))
+    parser.add_argument(
+        "--impl", nargs="+", default=["auto"], choices=("reference", "triton", "cpu", "auto"), help="moe.merge_impl"
+    )
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=704)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -79,15 +83,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[int, int], LoryFFN]:
-    """A Lory layer per (E, T), initialized like the model's."""
+def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[str, int, int], LoryFFN]:
+    """A Lory layer per (merge, E, T), initialized like the model's; merge is what moe.merge_impl resolves to."""
     layers = {}
-    for seg in args.segments:
-        for num_experts in args.experts:
-            overrides = ["moe.routing=lory", f"moe.num_experts={num_experts}", f"moe.segment_length={seg}"]
-            cfg = load_config(None, [*overrides, f"moe.merge_impl={args.impl}"]).moe
-            layers[num_experts, seg] = LoryFFN(model, cfg, LayerFactory()).to(args.device)
-            init_parameters(layers[num_experts, seg], model, seed=0)
+    for impl in args.impl:
+        merge = resolve_merge_impl(impl, torch.device(args.device))
+        for seg in args.segments:
+            for num_experts in args.experts:
+                overrides = ["moe.routing=lory", f"moe.num_experts={num_experts}", f"moe.segment_length={seg}"]
+                cfg = load_config(None, [*overrides, f"moe.merge_impl={impl}"]).moe
+                layers[merge, num_experts, seg] = LoryFFN(model, cfg, LayerFactory()).to(args.device)
+                init_parameters(layers[merge, num_experts, seg], model, seed=0)
     return layers
 
 
@@ -95,7 +101,7 @@ def interleaved(dense, layers: dict, x: torch.Tensor, args: argparse.Namespace) 
     """Per round and thread count the dense step, then each Lory layer's: dense times and Lory / dense ratios.
 
     A load change on a shared machine then moves a round's dense and Lory times together, and the
-    median of the per-round ratios discards the rounds it hit unevenly. Keys: threads, and (threads, E, T)."""
+    median of the per-round ratios discards the rounds it hit unevenly. Keys: threads, and (threads, merge, E, T)."""
     dense_s = {threads: [] for threads in args.threads}
     ratios = {(threads, *key): [] for threads in args.threads for key in layers}
     for _ in range(args.rounds):
@@ -120,7 +126,7 @@ def main() -> None:
     dense_tps = {threads: args.tokens / statistics.median(times) for threads, times in dense_s.items()}
     m_dense = peak_bytes(dense, x)
     print(f"machine: {describe_device(args.device)}; torch {torch.__version__}")
-    print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, merge {args.impl}")
+    print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32")
     print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
     for threads, tps in dense_tps.items():
         print(f"dense SwiGLU, {threads} threads: {tps:,.0f} tokens/s (median)")
@@ -129,17 +135,17 @@ def main() -> None:
 
 
 def print_table(layers: dict, ratios: dict, x: torch.Tensor, dense_tps: dict, m_dense: int) -> None:
-    """One row per (threads, E, T): the median Lory / dense time ratio over the rounds, its range, and the memory."""
-    print("| threads | E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense (median) | range "
+    """A row per (threads, merge, E, T): the median Lory / dense time ratio over the rounds, its range, the memory."""
+    print("| threads | merge | E | T | merge FLOPs / FFN (E/T) | Lory tokens/s | time Lory / dense (median) | range "
           "| memory MiB | memory Lory / dense |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     memory = {key: peak_bytes(layer, x) for key, layer in layers.items()}
-    for (threads, num_experts, seg), rounds in ratios.items():
-        ratio, m_lory = statistics.median(rounds), memory[num_experts, seg]
-        spread = f"{min(rounds):.2f}–{max(rounds):.2f}"
+    for (threads, merge, num_experts, seg), rounds in ratios.items():
+        ratio, m_lory = statistics.median(rounds), memory[merge, num_experts, seg]
+        spread, tps = f"{min(rounds):.2f}–{max(rounds):.2f}", dense_tps[threads] / ratio
         print(
-            f"| {threads} | {num_experts} | {seg} | {num_experts / seg:.3f} | {dense_tps[threads] / ratio:,.0f} | "
-            f"{ratio:.2f} | {spread} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
+            f"| {threads} | {merge} | {num_experts} | {seg} | {num_experts / seg:.3f} | {tps:,.0f} "
+            f"| {ratio:.2f} | {spread} | {m_lory / 2**20:.1f} | {m_lory / m_dense:.2f} |"
         )
 
 

@@ -161,8 +161,8 @@ class MoEConfig:
     """Lory: tokens per routing segment T (the last segment of a sequence may be shorter)."""
     routing_mode: Literal["causal_segment", "prefix"] = "causal_segment"
     """Lory: segment k routed by segment k-1's mean, or every segment by the first one (the paper's ablation)."""
-    merge_impl: Literal["reference", "triton", "auto"] = "auto"
-    """Lory's expert merge: reference (einsum + bmm, merge recomputed in backward), triton kernels, or auto."""
+    merge_impl: Literal["reference", "triton", "cpu", "auto"] = "auto"
+    """Lory's expert merge: reference (torch ops), triton (CUDA kernels), cpu (fused C kernel), auto (fastest here)."""
     dense_warmup_fraction: float = -1.0
     """Train dense (all on expert 0) for this fraction of steps, then copy it to all experts; -1 = 0.05 lory else 0."""
     dense_warmup_steps: int = 0

@@ -14,8 +14,9 @@ the chunk's weights — E/T of the FFN FLOPs — instead of storing merged copie
 3·F·D per segment and far larger than the activations. The merge and the weight gradients
 accumulate in (at least) fp32; the matmuls run in the autocast dtype. `triton` (kernels/lory.py
 through megamoe.ops.lory_triton) merges weight tiles in registers and never writes merged weights;
-`auto` picks Triton on CUDA when the kernels import, else the reference; `megamoe.ops.lory_check` self-checks the
-kernels before they serve a device, dtype and shape class.
+`cpu` (megamoe.ops.lory_cpu) fuses the same steps in C on CPU tiles: merged weights and their gradients never
+exist whole. `auto` picks Triton on CUDA when the kernels import, `cpu` on a CPU when it builds, else the reference;
+`megamoe.ops.lory_check` self-checks the fused kernels before they serve a device, dtype and shape class.
 `megamoe.ops.reference.merged_swiglu_loop` is the slow oracle.
 """
 
@@ -26,6 +27,9 @@ import math
 import os
 
 import torch
+
+from megamoe.errors import ConfigError
+from megamoe.ops import lory_cpu
 
 log = logging.getLogger(__name__)
 
@@ -228,21 +232,31 @@ def merged_swiglu_reference(
 
 
 def resolve_merge_impl(impl: str, device: torch.device) -> str:
-    """moe.merge_impl resolved for a device (auto = triton on CUDA when the kernels import), logged once.
+    """moe.merge_impl resolved for a device, logged once: auto = triton on CUDA when the kernels import, the
+    fused CPU kernel (`cpu`) on a CPU when it builds, else the reference.
 
     Explicit `triton` also runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1): slow, for tests.
     """
-    available = _triton_runs_on(device) and _triton_available()
-    if impl == "triton" and not available:
-        from megamoe.errors import ConfigError
-
+    if impl == "triton" and not (_triton_runs_on(device) and _triton_available()):
         where = "could not import megamoe_kernels.lory" if _triton_runs_on(device) else "needs a CUDA device"
         raise ConfigError("moe.merge_impl", f"triton {where}; use reference or auto")
-    chosen = "triton" if available and (impl == "triton" or (device.type == "cuda" and impl == "auto")) else "reference"
+    if impl == "cpu" and (device.type != "cpu" or lory_cpu.unavailable() is not None):
+        why = "the fused CPU kernel runs on the CPU only" if device.type != "cpu" else lory_cpu.unavailable()
+        raise ConfigError("moe.merge_impl", f"cpu: {why}; use reference or auto")
+    chosen = impl if impl != "auto" else _auto(device)
     if (impl, device.type, chosen) not in _LOGGED:
         _LOGGED.add((impl, device.type, chosen))
         log.info("lory: moe.merge_impl=%s on %s -> %s merge", impl, device.type, chosen)
     return chosen
+
+
+def _auto(device: torch.device) -> str:
+    """What auto picks: the fused kernels of the device where they run, else the reference."""
+    if device.type == "cuda":
+        return "triton" if _triton_available() else "reference"
+    if device.type == "cpu" and lory_cpu.unavailable() is None:
+        return "cpu"
+    return "reference"
 
 
 _LOGGED: set[tuple[str, str, str]] = set()
@@ -263,7 +277,10 @@ def _triton_available() -> bool:
 
 
 def merged_swiglu(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF, impl: str = "reference") -> torch.Tensor:
-    """y_STD for every segment (impl already resolved by resolve_merge_impl)."""
+    """y_STD for every segment (impl already resolved by resolve_merge_impl; `cpu` serves fp32 and fp64
+    without autocast, and hands anything else to the reference)."""
+    if impl == "cpu" and lory_cpu.supports(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF):
+        return lory_cpu.merged_swiglu_fused(x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF)
     if impl == "triton":
         from megamoe.ops.lory_triton import merged_swiglu_triton
 

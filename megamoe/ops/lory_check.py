@@ -2,16 +2,17 @@
 
 Shape legend: S segments, T tokens per segment, D width, F FFN width, E experts.
 
-The first time `moe.merge_impl` auto or triton picks the Triton kernels for a device, dtype and
-shape class, the kernels compile and run on a small case of that class (three segments, the same
-E, each of T, D, F cut to at most 128 + its remainder mod 64, so the block sizes, the masked tails
-and Triton's divisible-by-16 specializations are the real run's). Output and all five gradients
-are compared with the float64 loop (`merged_swiglu_loop`) by ‖got − ref‖ / ‖ref‖, at the bounds
-of tests/kernels: fp32 < 1e-5 on the CPU (interpreter), < 5e-4 on a GPU (TF32 may be on); other
-dtypes < 2e-2; every dtype no worse than 1.5× (+1e-3) the reference path's error on the same
-inputs. A failure (an exception at compile or run, a wrong or non-finite value) makes auto fall
-back to the reference with one warning and triton stop with an error. Results are cached per
-process; the inputs come from a private generator, so the global RNG stream is untouched.
+The first time `moe.merge_impl` auto, triton or cpu picks fused kernels (Triton's, or the C
+kernel of megamoe.ops.lory_cpu) for a device, dtype and shape class, the kernels compile and run on
+a small case of that class (three segments, the same E, each of T, D, F cut to at most 128 + its
+remainder mod 64, so the block sizes, the masked tails and Triton's divisible-by-16
+specializations are the real run's). Output and all five gradients are compared with the float64
+loop (`merged_swiglu_loop`) by ‖got − ref‖ / ‖ref‖, at the bounds of tests/kernels: fp32 < 1e-5 on
+the CPU, < 5e-4 on a GPU (TF32 may be on); other dtypes < 2e-2; every dtype no worse than 1.5×
+(+1e-3) the reference path's error on the same inputs. A failure (an exception at compile or run, a
+wrong or non-finite value) makes auto fall back to the reference with one warning, and an explicit
+triton or cpu stop with an error. Results are cached per process; the inputs come from a private
+generator, so the global RNG stream is untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megamoe.errors import MegamoeError
+from megamoe.ops import lory_cpu
 from megamoe.ops.lory import merged_swiglu_reference, resolve_merge_impl
 from megamoe.ops.reference import merged_swiglu_loop
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CHECK_SEGMENTS = 3
 """Segments in the small case: more than one, so the weight-gradient kernel's segment loop runs."""
+
+FUSED = {"triton": "Triton", "cpu": "CPU"}
+"""The fused paths that check themselves, and their names in messages."""
 
 GRADIENTS = ("y", "dx", "d routing weights", "dw_gate", "dw_up", "dw_down")
 
@@ -66,6 +71,7 @@ class CheckKey:
     tokens: int
     width: int
     hidden: int
+    impl: str = "triton"
 
     def describe(self) -> str:
         """e.g. `cuda:0 bf16 (E=8 T=128 D=128 F=128 class)`."""
@@ -99,15 +105,15 @@ def compute_dtype(device: torch.device, x_dtype: torch.dtype) -> torch.dtype:
     return x_dtype
 
 
-def check_key(x_STD: torch.Tensor, w_gate_EFD: torch.Tensor) -> CheckKey:
-    """The key of a real call: its device, dtypes and shape class."""
+def check_key(x_STD: torch.Tensor, w_gate_EFD: torch.Tensor, impl: str = "triton") -> CheckKey:
+    """The key of a real call: its device, dtypes and shape class, for the fused kernels impl names."""
     device = x_STD.device
     experts, hidden, width = w_gate_EFD.shape
     name = str(device) if device.index is not None or device.type == "cpu" else f"cuda:{torch.cuda.current_device()}"
     return CheckKey(
         name, compute_dtype(device, x_STD.dtype), x_STD.dtype, w_gate_EFD.dtype,
         bool(torch.backends.cuda.matmul.allow_tf32), experts,
-        class_size(x_STD.shape[1]), class_size(width), class_size(hidden),
+        class_size(x_STD.shape[1]), class_size(width), class_size(hidden), impl,
     )  # fmt: skip
 
 
@@ -119,15 +125,19 @@ def self_check(key: CheckKey) -> CheckResult:
 
 
 def select_merge_impl(impl: str, x_STD: torch.Tensor, w_gate_EFD: torch.Tensor) -> str:
-    """resolve_merge_impl, then the self-check of the kernels it picks: auto falls back, triton stops."""
+    """resolve_merge_impl, then the self-check of the fused kernels it picks: auto falls back, an explicit choice stops.
+
+    `cpu` on inputs its kernel does not serve (bf16 autocast, mixed dtypes) runs the reference without a check."""
     chosen = resolve_merge_impl(impl, x_STD.device)
-    if chosen != "triton":
+    if chosen == "cpu" and not lory_cpu.supports(x_STD, w_gate_EFD.to(x_STD.dtype)):
+        return "reference"
+    if chosen not in FUSED:
         return chosen
-    result = self_check(check_key(x_STD, w_gate_EFD))
+    result = self_check(check_key(x_STD, w_gate_EFD, chosen))
     if result.ok:
-        return "triton"
-    what = f"the fused Triton merge failed its self-check on {result.key.describe()}: {result.failure}"
-    if impl == "triton":
+        return chosen
+    what = f"the fused {FUSED[chosen]} merge failed its self-check on {result.key.describe()}: {result.failure}"
+    if impl == chosen:
         raise MegamoeError(f"moe.merge_impl: {what}; set moe.merge_impl=auto or reference, and {REPORT}")
     if not result.warned:
         result.warned = True
@@ -193,18 +203,32 @@ def _summary(err: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def run_check(key: CheckKey) -> CheckResult:
-    """Compile and run the kernels on the small case and compare with the float64 loop (no cache)."""
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """The identity saved-tensor hook."""
+    return t
+
+
+def _fused(impl: str):
+    """The fused path impl names (imported on use: Triton's only where it runs)."""
+    if impl == "cpu":
+        return lory_cpu.merged_swiglu_fused
     from megamoe.ops.lory_triton import merged_swiglu_triton
 
+    return merged_swiglu_triton
+
+
+def run_check(key: CheckKey) -> CheckResult:
+    """Compile and run the kernels on the small case and compare with the float64 loop (no cache)."""
     start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
+    # Identity saved-tensor hooks shadow the caller's (activation checkpointing, memory probes): the check's
+    # autograd graph is its own, and a checkpointed forward's recompute (which finds the result cached) agrees.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         args = _inputs(key)
         cot = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(21)).to(key.device)
         exact = _exact(args, cot)
         reference = _output_and_grads(merged_swiglu_reference, args, cot, key)
         try:
-            fused = _output_and_grads(merged_swiglu_triton, args, cot, key)
+            fused = _output_and_grads(_fused(key.impl), args, cot, key)
             if key.device.startswith("cuda"):
                 torch.cuda.synchronize(key.device)
         except Exception as err:

@@ -167,15 +167,21 @@ def chunk_activations(cfg: Config, blocks: range, first: bool, last: bool, deg, 
 
 
 def lory_merge_bytes(cfg: Config, layout: Layout, dt: act.Dtypes) -> int:
-    """Reference merge of one Lory layer: merged weights of a segment chunk (twice in backward, with their
-    gradients) and fp32 expert-gradient accumulators; none for the Triton merge."""
+    """Merge workspace of one Lory layer: the fused CPU kernel's (megamoe.ops.lory_cpu.workspace_bytes) where it
+    runs; for the reference merge, merged weights of a segment chunk (twice in backward, with their gradients)
+    and fp32 expert-gradient accumulators; none for the Triton merge."""
+    from megamoe.ops import lory_cpu
     from megamoe.ops.lory import MERGE_CHUNK_BYTES
 
     moe, m = cfg.moe, cfg.model
     gpu = uses_bf16(cfg) or cfg.train.device == "cuda"
     if moe.routing != "lory" or moe.merge_impl == "triton" or (moe.merge_impl == "auto" and gpu):
         return 0
-    _, segments, hidden = act.lory_sizes(cfg, act.Degrees(layout.tp, layout.sp, layout.ep))
+    tokens, segments, hidden = act.lory_sizes(cfg, act.Degrees(layout.tp, layout.sp, layout.ep))
+    if moe.merge_impl in ("cpu", "auto"):
+        fused = lory_cpu.workspace_bytes(segments, tokens // segments, m.d_model, hidden, moe.num_experts, dt.a)
+        if fused is not None:
+            return fused
     per_segment = 3 * m.d_model * hidden * dt.a
     budget = MERGE_CHUNK_BYTES["cuda" if gpu else "cpu"]
     chunk = min(max(1, budget // per_segment), segments)

@@ -37,10 +37,16 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """/proc/cpuinfo flags of the instructions that run bf16 matmuls natively (Intel AMX, AVX512-BF16)."""
 
 
+def cpu_flags(cpuinfo: Path = CPUINFO) -> list[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where it cannot tell."""
+    flags = _cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else flags.split()
+
+
 def native_bf16(cpuinfo: Path = CPUINFO) -> list[str] | None:
     """The native-bf16 flags this CPU has ([] for none), or None where /proc/cpuinfo cannot tell."""
-    flags = _cpuinfo_field("flags", cpuinfo)
-    return None if flags is None else [flag for flag in NATIVE_BF16_FLAGS if flag in flags.split()]
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
 
 
 def usable_cores() -> int:

@@ -79,15 +79,17 @@ def test_precision_tiny():
 
 
 def test_lory_layer_rounds_tiny():
-    """Every chosen (threads, E, T) gets a row, in order, with a median ratio inside its range over the rounds."""
+    """Every (threads, merge, E, T) chosen gets a row, in order, with a median ratio inside its range of rounds."""
     args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1", "--rounds", "3"]
-    out = bench("bench.lory_layer", *args, "--experts", "2", "4", "--segments", "16", "64", "--threads", "1", "2")
+    grid = ["--experts", "2", "4", "--segments", "16", "64", "--threads", "1", "2", "--impl", "reference", "auto"]
+    out = bench("bench.lory_layer", *args, *grid)
     rows = table_rows(out)
-    keys = [[t, e, seg] for t in ("1", "2") for seg in ("16", "64") for e in ("2", "4")]
-    assert [r[:3] for r in rows] == keys
+    merges = ("reference", "cpu")  # auto resolves to the fused CPU kernel here
+    keys = [[t, m, e, seg] for t in ("1", "2") for m in merges for seg in ("16", "64") for e in ("2", "4")]
+    assert [r[:4] for r in rows] == keys
     for r in rows:
-        low, high = (float(v) for v in r[6].split("–"))
-        assert low <= float(r[5]) <= high and float(r[7]) > 0
+        low, high = (float(v) for v in r[7].split("–"))
+        assert low <= float(r[6]) <= high and float(r[8]) > 0
     assert "dense SwiGLU, 1 threads:" in out and "dense SwiGLU, 2 threads:" in out
 
 

@@ -151,7 +151,10 @@ def test_lory_layer_with_ragged_sequence_uses_the_kernels(caplog):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU interpreter case")
 def test_merge_impl_resolution(monkeypatch):
-    assert resolve_merge_impl("auto", torch.device("cpu")) == "reference"
+    """auto on the CPU is the fused CPU kernel where it builds (never Triton); triton runs in the interpreter."""
+    from megamoe.ops import lory_cpu
+
+    assert resolve_merge_impl("auto", torch.device("cpu")) == ("cpu" if lory_cpu.unavailable() is None else "reference")
     assert resolve_merge_impl("reference", torch.device("cpu")) == "reference"
     assert resolve_merge_impl("triton", torch.device("cpu")) == "triton"  # the interpreter
     monkeypatch.delenv("TRITON_INTERPRET")
