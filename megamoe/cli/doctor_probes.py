@@ -14,29 +14,47 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def kernel_checks(device: torch.device, name: str, shapes: list[tuple[int, int, int, int]]) -> list[Check]:
-    """The Lory merge self-check for each (E, T, D, F) shape class in fp32 and bf16, as training would run it."""
+    """The Lory merge self-checks as training would run them, per (E, T, D, F) shape class: on a CPU the fused C
+    kernel in fp32; the Triton kernels in fp32 and bf16 where they run (CUDA, or the CPU's interpreter)."""
     from megamoe.ops.lory import _triton_available, _triton_runs_on
-    from megamoe.ops.lory_check import CheckKey, class_size, self_check, tolerance
 
+    checks = _cpu_kernel_checks(name, shapes) if device.type == "cpu" else []
     if not _triton_runs_on(device):
-        return [Check("kernels", name, "skip", "auto uses the reference merge on a CPU (the kernels are CUDA-only)")]
+        return [*checks, Check("kernels", name, "skip", "the Triton kernels are CUDA-only")]
     if not _triton_available():
         status = "fail" if device.type == "cuda" else "skip"
-        return [Check("kernels", name, status, "megamoe_kernels.lory does not import: auto uses the reference")]
-    checks, where = [], str(device) if device.type == "cpu" else f"cuda:{device.index or 0}"
+        what = "megamoe_kernels.lory does not import: auto uses the reference"
+        return [*checks, Check("kernels", name, status, what)]
+    where = str(device) if device.type == "cpu" else f"cuda:{device.index or 0}"
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    for experts, tokens, width, hidden in shapes:
-        for dtype in KERNEL_DTYPES:
-            sizes = class_size(tokens), class_size(width), class_size(hidden)
-            result = self_check(CheckKey(where, dtype, dtype, torch.float32, tf32, experts, *sizes))
-            if not result.ok:
-                checks.append(Check("kernels", name, "fail", f"{result.key.describe()}: {result.failure}"))
-                continue
-            worst = max(result.errors.values())
-            bound = tolerance(dtype, device.type)
-            what = f"max error {worst:.1e} (bound {bound:.0e}), {result.seconds:.2f} s"
-            checks.append(Check("kernels", name, "ok", f"{result.key.describe()}: {what}"))
-    return checks
+    keys = [(where, dtype, dtype, torch.float32, tf32, *shape) for shape in shapes for dtype in KERNEL_DTYPES]
+    return [*checks, *(_checked(name, key, "triton") for key in keys)]
+
+
+def _cpu_kernel_checks(name: str, shapes: list[tuple[int, int, int, int]]) -> list[Check]:
+    """The fused CPU kernel's self-check per shape class (fp32), or why auto uses the reference merge instead."""
+    from megamoe.ops import lory_cpu
+
+    why = lory_cpu.unavailable(torch.float32)
+    if why is not None:
+        return [Check("kernels", name, "warn", f"{why}: auto uses the reference merge (correct, slower)")]
+    fp32 = torch.float32
+    return [_checked(name, ("cpu", fp32, fp32, fp32, False, *shape), "cpu") for shape in shapes]
+
+
+def _checked(name: str, key: tuple, impl: str) -> Check:
+    """One self-check line: (device, dtype, x dtype, weight dtype, tf32, E, T, D, F) for impl's kernels."""
+    from megamoe.ops.lory_check import FUSED, CheckKey, class_size, self_check, tolerance
+
+    where, dtype, x_dtype, w_dtype, tf32, experts, tokens, width, hidden = key
+    sizes = class_size(tokens), class_size(width), class_size(hidden)
+    result = self_check(CheckKey(where, dtype, x_dtype, w_dtype, tf32, experts, *sizes, impl))
+    label = f"{FUSED[impl]} {result.key.describe()}"
+    if not result.ok:
+        return Check("kernels", name, "fail", f"{label}: {result.failure}")
+    bound = tolerance(dtype, where.split(":")[0])
+    what = f"max error {max(result.errors.values()):.1e} (bound {bound:.0e}), {result.seconds:.2f} s"
+    return Check("kernels", name, "ok", f"{label}: {what}")
 
 
 def init_world(timeout_s: float) -> torch.device:

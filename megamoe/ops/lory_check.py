@@ -237,5 +237,6 @@ def run_check(key: CheckKey) -> CheckResult:
     errors, failure = _compare(key, fused, reference, exact)
     result = CheckResult(key, failure, time.perf_counter() - start, errors)
     if result.ok:
-        log.info("lory: fused merge self-check passed on %s in %.2f s", key.describe(), result.seconds)
+        what = FUSED[key.impl]
+        log.info("lory: fused %s merge self-check passed on %s in %.2f s", what, key.describe(), result.seconds)
     return result

@@ -21,7 +21,7 @@ def test_doctor_probes_the_world():
     assert out.count("megamoe doctor") == 1  # rank 0 prints
     assert "same on all ranks  2 ranks (gloo)" in out
     for rank in (0, 1):
-        assert f"ok    rank {rank} " in out and out.count(f"rank {rank} ") == 4  # device, 2 kernel lines, matmul
+        assert f"ok    rank {rank} " in out and out.count(f"rank {rank} ") == 5  # device, 3 kernel lines, matmul
     assert "ok    all-reduce         4 MiB fp32: " in out and "sums exact" in out
     assert "ok    all-to-all         4 MiB fp32: " in out and "chunks exact" in out
     assert out.rstrip().endswith("checks passed")

@@ -30,8 +30,9 @@ def test_doctor_passes_and_reports_every_section(capsys):
     for name in ("torch", "CUDA", "NCCL", "Triton", "megatron-core", "DeepSpeed", "apex", "TransformerEngine", "faiss"):
         assert f" {name} " in out
     assert "faiss              1." in out and "CPU only" in out
-    assert "ok    cpu                cpu float32 (E=3 T=8 D=16 F=24 class): max error" in out
-    assert "ok    cpu                cpu bfloat16 (E=3 T=8 D=16 F=24 class)" in out
+    assert "ok    cpu                CPU cpu float32 (E=3 T=8 D=16 F=24 class): max error" in out
+    assert "ok    cpu                Triton cpu float32 (E=3 T=8 D=16 F=24 class): max error" in out
+    assert "ok    cpu                Triton cpu bfloat16 (E=3 T=8 D=16 F=24 class)" in out
     assert "float32 1024³:" in out and "TFLOP/s" in out
     assert "collectives" not in out  # one process: no world to probe
     assert out.rstrip().endswith("checks passed")
@@ -44,9 +45,9 @@ def test_doctor_fails_on_a_kernel_that_does_not_compile(capsys, monkeypatch):
     monkeypatch.setattr(kernels, "_block", lambda size, cap: 48)
     assert main(ARGS) == 1
     out = capsys.readouterr().out
-    assert "fail  cpu                cpu float32 (E=3 T=8 D=16 F=24 class): InterpreterError at compile or run" in out
+    assert "fail  cpu                Triton cpu float32 (E=3 T=8 D=16 F=24 class): InterpreterError at compile" in out
     assert "arange's range must be a power of 2" in out
-    assert "doctor: 2 of 14 checks FAILED: kernels cpu; kernels cpu" in out
+    assert "doctor: 2 of 15 checks FAILED: kernels cpu; kernels cpu" in out
 
 
 def test_doctor_rejects_a_malformed_shape(capsys):
