@@ -94,8 +94,8 @@ class Kernels:
         self.gemm = ctypes.cast(getattr(torch_cpu, _GEMM[dtype]), ctypes.c_void_p)
         ptr = ctypes.c_void_p
         self.lib.lory_scratch.argtypes, self.lib.lory_scratch.restype = [Dims], ctypes.c_long
-        self.lib.lory_forward.argtypes = [ptr, Dims, *[ptr] * 9]
-        self.lib.lory_backward.argtypes = [ptr, Dims, *[ptr] * 14]
+        self.lib.lory_forward.argtypes = [ptr, Dims, *[ptr] * 8]
+        self.lib.lory_backward.argtypes = [ptr, Dims, *[ptr] * 13]
 
 
 @functools.cache
@@ -163,30 +163,30 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class FusedMergedSwiGLU(torch.autograd.Function):
     """The merged SwiGLU of every segment through the fused kernel; saves what the reference path saves
-    (x, the routing weights, the experts, the gate/up pre-activations)."""
+    (x, the routing weights, the experts, the gate/up pre-activations: here one (S, T, 2F) tensor, per F
+    tile its gate columns then its up columns)."""
 
     @staticmethod
     def forward(ctx, x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF):
         x_STD, w_SE, *weights = (t.contiguous() for t in (x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF))
         kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, w_gate_EFD.shape[1])
-        g_STF = x_STD.new_empty(*x_STD.shape[:2], dims.F)
-        u_STF, y_STD = torch.empty_like(g_STF), torch.empty_like(x_STD)
+        gu_ST2F, y_STD = x_STD.new_empty(*x_STD.shape[:2], 2 * dims.F), torch.empty_like(x_STD)
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
-        tensors = (x_STD, w_SE, *_kernel_layout(weights), g_STF, u_STF, y_STD, scratch)
+        tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, y_STD, scratch)
         kernels.lib.lory_forward(kernels.gemm, dims, *[t.data_ptr() for t in tensors])
-        ctx.save_for_backward(x_STD, w_SE, *weights, g_STF, u_STF)
+        ctx.save_for_backward(x_STD, w_SE, *weights, gu_ST2F)
         return y_STD
 
     @staticmethod
     def backward(ctx, dy_STD):
-        x_STD, w_SE, *weights, g_STF, u_STF = ctx.saved_tensors
+        x_STD, w_SE, *weights, gu_ST2F = ctx.saved_tensors
         kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, weights[0].shape[1])
         dx_STD = torch.empty_like(x_STD) if ctx.needs_input_grad[0] else None
         dot_NSE = torch.zeros(-(-dims.F // dims.ft), *w_SE.shape, dtype=torch.float64)
         grads = [torch.zeros_like(w) for w in weights[:2]] + [weights[2].new_zeros(weights[1].shape)]
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         dy_STD = dy_STD.to(x_STD.dtype).contiguous()
-        tensors = (x_STD, w_SE, *_kernel_layout(weights), g_STF, u_STF, dy_STD, dx_STD, dot_NSE, *grads, scratch)
+        tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, dy_STD, dx_STD, dot_NSE, *grads, scratch)
         kernels.lib.lory_backward(kernels.gemm, dims, *[_ptr(t) for t in tensors])
         dw_SE = dot_NSE.sum(0).to(w_SE.dtype) if ctx.needs_input_grad[1] else None
         return dx_STD, dw_SE, grads[0], grads[1], grads[2].transpose(1, 2).contiguous()
