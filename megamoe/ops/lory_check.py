@@ -129,7 +129,7 @@ def select_merge_impl(impl: str, x_STD: torch.Tensor, w_gate_EFD: torch.Tensor) 
 
     `cpu` on inputs its kernel does not serve (bf16 autocast, mixed dtypes) runs the reference without a check."""
     chosen = resolve_merge_impl(impl, x_STD.device)
-    if chosen == "cpu" and not lory_cpu.supports(x_STD, w_gate_EFD.to(x_STD.dtype)):
+    if chosen == "cpu" and not lory_cpu.supports(x_STD, w_gate_EFD):
         return "reference"
     if chosen not in FUSED:
         return chosen

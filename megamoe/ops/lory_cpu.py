@@ -4,7 +4,7 @@ ever exist as cache-sized tiles, where the reference path writes and re-reads th
 The C source is compiled once per machine (`cc -O3 -march=native -fopenmp`, about two seconds) into a
 cache directory keyed by the source, the compiler and the CPU's flags, and loaded with ctypes. Its small
 GEMMs call the BLAS gemm that libtorch exports (MKL on x86). fp32 and fp64; anything else (bf16
-autocast, CUDA) takes the reference path. Where no compiler or gemm is found, `available` says why and
+autocast, CUDA) takes the reference path. Where no compiler or gemm is found, `unavailable` says why and
 `auto` falls back to the reference path. `megamoe.ops.reference.merged_swiglu_loop` is the oracle.
 """
 
@@ -132,11 +132,14 @@ def tiling(segments: int, dim: int, hidden: int, element: int, threads: int) -> 
     return columns, block
 
 
-def _dims(x_STD: torch.Tensor, w_SE: torch.Tensor, hidden: int) -> Dims:
-    """The kernel's shape record, with the tiling and thread count."""
+def _dims(x_STD: torch.Tensor, w_SE: torch.Tensor, hidden: int, columns: int | None = None) -> Dims:
+    """The kernel's shape record at this thread count; columns: the forward's tile width, which fixes the
+    layout of the saved pre-activations and must be kept in backward (whatever the thread count is then)."""
     segments, seg_len, dim = x_STD.shape
     threads = torch.get_num_threads()
-    columns, block = tiling(segments, dim, hidden, x_STD.element_size(), threads)
+    width, block = tiling(segments, dim, hidden, x_STD.element_size(), threads)
+    columns = columns or width
+    block = max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * x_STD.element_size())))
     return Dims(segments, seg_len, dim, hidden, w_SE.shape[1], columns, block, threads)
 
 
@@ -175,12 +178,13 @@ class FusedMergedSwiGLU(torch.autograd.Function):
         tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, y_STD, scratch)
         kernels.lib.lory_forward(kernels.gemm, dims, *[t.data_ptr() for t in tensors])
         ctx.save_for_backward(x_STD, w_SE, *weights, gu_ST2F)
+        ctx.columns = dims.ft
         return y_STD
 
     @staticmethod
     def backward(ctx, dy_STD):
         x_STD, w_SE, *weights, gu_ST2F = ctx.saved_tensors
-        kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, weights[0].shape[1])
+        kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, weights[0].shape[1], ctx.columns)
         dx_STD = torch.empty_like(x_STD) if ctx.needs_input_grad[0] else None
         dot_NSE = torch.zeros(-(-dims.F // dims.ft), *w_SE.shape, dtype=torch.float64)
         grads = [torch.zeros_like(w) for w in weights[:2]] + [weights[2].new_zeros(weights[1].shape)]

@@ -104,6 +104,25 @@ def test_thread_counts_agree_and_repeat_bitwise(threads, count):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_backward_at_another_thread_count(threads):
+    """Forward at 2 threads, backward at 1 (the tile layout of the saved pre-activations is the forward's)."""
+    args = inputs(6, 8, 16, 400, 4)  # 4 tiles of 100 columns at 2 threads, 3 of 134 at 1
+    cot = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaves = [a.detach().float().requires_grad_() for a in args]
+    torch.set_num_threads(2)
+    out = lory_cpu.merged_swiglu_fused(*leaves)
+    torch.set_num_threads(1)
+    got = [out.detach().double(), *(g.double() for g in torch.autograd.grad(out, leaves, cot.float()))]
+    assert max(errors(got, run(merged_swiglu_loop, args, torch.float64, cot)).values()) < BOUND[torch.float32]
+
+
+def test_mixed_dtypes_take_the_reference():
+    """fp64 x with fp32 experts: `cpu` resolves to the reference for the call (the kernel needs one dtype)."""
+    x, _, gate, *_ = inputs(4, 8, 16, 24, 3)
+    assert select_merge_impl("cpu", x, gate.float()) == "reference"
+    assert select_merge_impl("cpu", x, gate) == "cpu"
+
+
 def test_gradcheck_float64():
     """torch.autograd.gradcheck: the analytic backward against finite differences of the forward."""
     args = [a.requires_grad_() for a in inputs(3, 5, 6, 7, 3)]
