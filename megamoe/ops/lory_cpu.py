@@ -123,24 +123,31 @@ def supports(x_STD: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return same and x_STD.shape[0] > 0 and not torch.is_autocast_enabled("cpu") and unavailable(dtype) is None
 
 
-def tiling(segments: int, dim: int, hidden: int, element: int, threads: int) -> tuple[int, int]:
-    """(F columns per tile, segments per block): tiles a multiple of threads, a block within BLOCK_BYTES."""
-    tiles = -(-hidden // TILE_COLUMNS)
-    tiles = -(-tiles // threads) * threads
-    columns = min(hidden, -(-hidden // tiles))
-    block = max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * element)))
-    return columns, block
+def tiling(segments: int, dim: int, hidden: int, element: int, threads: int, columns: int | None = None):
+    """(F columns per tile, segments per block): columns as given (the forward's, which fix the layout of the
+    saved pre-activations, kept in backward whatever the thread count is then), else as many tiles as a
+    multiple of threads; a block's P tiles within BLOCK_BYTES."""
+    if columns is None:
+        tiles = _ceil(_ceil(hidden, TILE_COLUMNS), threads) * threads
+        columns = min(hidden, _ceil(hidden, tiles))
+    return columns, max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * element)))
 
 
-def _dims(x_STD: torch.Tensor, w_SE: torch.Tensor, hidden: int, columns: int | None = None) -> Dims:
-    """The kernel's shape record at this thread count; columns: the forward's tile width, which fixes the
-    layout of the saved pre-activations and must be kept in backward (whatever the thread count is then)."""
-    segments, seg_len, dim = x_STD.shape
+def _dims(segments: int, seg_len: int, dim: int, hidden: int, experts: int, element: int, columns=None) -> Dims:
+    """The kernel's shape record at this thread count (columns: see tiling)."""
     threads = torch.get_num_threads()
-    width, block = tiling(segments, dim, hidden, x_STD.element_size(), threads)
-    columns = columns or width
-    block = max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * x_STD.element_size())))
-    return Dims(segments, seg_len, dim, hidden, w_SE.shape[1], columns, block, threads)
+    columns, block = tiling(segments, dim, hidden, element, threads, columns)
+    return Dims(segments, seg_len, dim, hidden, experts, columns, block, threads)
+
+
+def _tiles(dims: Dims) -> int:
+    """F tiles of a call."""
+    return _ceil(dims.F, dims.ft)
+
+
+def _ceil(a: int, b: int) -> int:
+    """⌈a / b⌉."""
+    return -(-a // b)
 
 
 def workspace_bytes(segments: int, seg_len: int, dim: int, hidden: int, experts: int, element: int) -> int | None:
@@ -151,12 +158,9 @@ def workspace_bytes(segments: int, seg_len: int, dim: int, hidden: int, experts:
     kernels = _load(dtype) if dtype is not None else "no kernel"
     if isinstance(kernels, str):
         return None
-    threads = torch.get_num_threads()
-    columns, block = tiling(segments, dim, hidden, element, threads)
-    dims = Dims(segments, seg_len, dim, hidden, experts, columns, block, threads)
-    tiles = -(-hidden // columns)
+    dims = _dims(segments, seg_len, dim, hidden, experts, element)
     weights = 4 * experts * hidden * dim
-    return (threads * kernels.lib.lory_scratch(dims) + weights) * element + tiles * segments * experts * 8
+    return (dims.threads * kernels.lib.lory_scratch(dims) + weights) * element + _tiles(dims) * segments * experts * 8
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -172,7 +176,8 @@ class FusedMergedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF):
         x_STD, w_SE, *weights = (t.contiguous() for t in (x_STD, w_SE, w_gate_EFD, w_up_EFD, w_down_EDF))
-        kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, w_gate_EFD.shape[1])
+        experts, hidden = w_gate_EFD.shape[:2]
+        kernels, dims = _load(x_STD.dtype), _dims(*x_STD.shape, hidden, experts, x_STD.element_size())
         gu_ST2F, y_STD = x_STD.new_empty(*x_STD.shape[:2], 2 * dims.F), torch.empty_like(x_STD)
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, y_STD, scratch)
@@ -184,9 +189,11 @@ class FusedMergedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_STD):
         x_STD, w_SE, *weights, gu_ST2F = ctx.saved_tensors
-        kernels, dims = _load(x_STD.dtype), _dims(x_STD, w_SE, weights[0].shape[1], ctx.columns)
+        experts, hidden = weights[0].shape[:2]
+        kernels = _load(x_STD.dtype)
+        dims = _dims(*x_STD.shape, hidden, experts, x_STD.element_size(), ctx.columns)
         dx_STD = torch.empty_like(x_STD) if ctx.needs_input_grad[0] else None
-        dot_NSE = torch.zeros(-(-dims.F // dims.ft), *w_SE.shape, dtype=torch.float64)
+        dot_NSE = torch.zeros(_tiles(dims), *w_SE.shape, dtype=torch.float64)
         grads = [torch.zeros_like(w) for w in weights[:2]] + [weights[2].new_zeros(weights[1].shape)]
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         dy_STD = dy_STD.to(x_STD.dtype).contiguous()
