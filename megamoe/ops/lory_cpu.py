@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lory_cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
+TMP_PREFIX = "building-"
 TILE_COLUMNS = 176
 """Widest F tile; tiles are then made a multiple of the thread count (threads split the tiles). AMD EPYC
 Zen 3, 2 threads, E = 8, D 256, F 704, fwd+bwd: 88–176 columns fastest at T = 64 and T = 256, 16 about 20%
@@ -68,10 +70,11 @@ def _build_key(real: str) -> str:
 def _build(real: str) -> Path:
     """The shared library for REAL (float or double), compiled unless already cached; atomic under races."""
     target = cache_dir() / f"lory_cpu_{real}_{_build_key(real)}.so"
+    _remove_stale(target.parent)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         cmd = [_compiler(), *FLAGS, f"-DREAL={real}", str(SOURCE), "-o", tmp, "-lmvec"]
@@ -82,6 +85,16 @@ def _build(real: str) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def _remove_stale(folder: Path) -> None:
+    """Delete unfinished builds of killed processes (older than twice the build timeout, so none still running)."""
+    for stale in folder.glob(f"{TMP_PREFIX}*.so"):
+        try:
+            if time.time() - stale.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                stale.unlink()
+        except FileNotFoundError:
+            pass  # another process removed it first
 
 
 class Kernels:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -221,6 +222,25 @@ def test_builds_once_per_machine_and_loads_from_the_cache(fresh_build):
     env = {**os.environ, "MEGAMOE_KERNEL_CACHE": str(fresh_build)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     assert built.stat().st_mtime_ns == stamp and len(list(fresh_build.iterdir())) == 1
+
+
+def test_a_killed_build_leaves_nothing_for_the_next(fresh_build):
+    """A build killed with SIGKILL leaves its temporary file; the next load removes it once it is too old to
+    belong to a running build (whether it builds or finds the library cached)."""
+    fresh_build.mkdir(parents=True)
+    orphan = fresh_build / f"{lory_cpu.TMP_PREFIX}killed.so"
+    orphan.write_bytes(b"half")
+    old = time.time() - 3 * lory_cpu.BUILD_TIMEOUT_S
+    os.utime(orphan, (old, old))
+    young = fresh_build / f"{lory_cpu.TMP_PREFIX}running.so"
+    young.write_bytes(b"in progress")
+    assert lory_cpu.unavailable(torch.float32) is None
+    assert not orphan.exists() and young.exists()
+    assert len(list(fresh_build.glob("lory_cpu_float_*.so"))) == 1
+    orphan.write_bytes(b"killed after the library was built")  # the next process loads from the cache
+    os.utime(orphan, (old, old))
+    lory_cpu._load.cache_clear()
+    assert lory_cpu.unavailable(torch.float32) is None and not orphan.exists()
 
 
 def test_no_compiler_falls_back_or_names_the_key(fresh_build, monkeypatch, caplog):
