@@ -40,20 +40,31 @@ static void rm_gemm(gemm_t gemm, char ta, char tb, int M, int N, int K, const RE
     gemm(&tb, &ta, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-/* out[j] = sum_e w[e] W[e * lde + j], j < n: one tile of the segment's merged matrix. */
+/* out[j] = sum_e w[e] W[e * lde + j], j < n: one tile of the segment's merged matrix, MERGE_CHUNK columns at a
+ * time summed in registers (one store per output). */
+#define MERGE_CHUNK 32
 static void merge_tile(const REAL *w, int E, const REAL *W, long lde, int n, REAL *restrict out) {
-    const REAL a0 = w[0];
+    int j0 = 0;
+    for (; j0 + MERGE_CHUNK <= n; j0 += MERGE_CHUNK) {
+        REAL acc[MERGE_CHUNK];
+        const REAL *restrict w0 = W + j0;
 #pragma omp simd
-    for (int j = 0; j < n; j++) out[j] = a0 * W[j];
-    for (int e = 1; e < E; e++) {
-        const REAL *restrict we = W + e * lde;
-        const REAL a = w[e];
+        for (int j = 0; j < MERGE_CHUNK; j++) acc[j] = w[0] * w0[j];
+        for (int e = 1; e < E; e++) {
+            const REAL *restrict we = W + e * lde + j0;
 #pragma omp simd
-        for (int j = 0; j < n; j++) out[j] += a * we[j];
+            for (int j = 0; j < MERGE_CHUNK; j++) acc[j] += w[e] * we[j];
+        }
+#pragma omp simd
+        for (int j = 0; j < MERGE_CHUNK; j++) out[j0 + j] = acc[j];
+    }
+    for (int j = j0; j < n; j++) {
+        REAL acc = w[0] * W[j];
+        for (int e = 1; e < E; e++) acc += w[e] * W[e * lde + j];
+        out[j] = acc;
     }
 }
 
-/* h = SiLU(g) u for a (T, n) tile of g, u (row stride F) into h (row stride n). */
 /* h = SiLU(g) u for a (T, n) tile of g, u (row stride ld) into h (row stride n). */
 static void swiglu_tile(const REAL *g, const REAL *u, int ld, int T, int n, REAL *restrict h) {
     for (int t = 0; t < T; t++) {
@@ -150,21 +161,21 @@ static void segment_tile(gemm_t gemm, const dims_t *d, const REAL *x, const REAL
     if (dxs) rm_gemm(gemm, 'N', 'N', d->T, d->D, 2 * n, dgu, 2 * n, merged, d->D, 1, dxs, d->D);
 }
 
-/* A block's P tiles folded onto the experts: dW_e += sum_s w[s, e] P_s and dot[s, e] += <P_s, W_e> (the
- * tile's share of dw, over the three matrices), one GEMM each. P_s of matrix m: ns rows of cols = n D at
- * p[m] with row stride ldp[m]. */
-static void fold_block(gemm_t gemm, const dims_t *d, const REAL *w, int ns, const REAL *const *experts,
+/* A block's P tiles folded onto the experts: dW_e = (first block ? 0 : dW_e) + sum_s w[s, e] P_s and dot[s, e] +=
+ * <P_s, W_e> (the tile's share of dw, over the three matrices), one GEMM each. P_s of matrix m: ns rows of
+ * cols = n D at p[m] with row stride ldp[m]. */
+static void fold_block(gemm_t gemm, const dims_t *d, const REAL *w, int ns, int first, const REAL *const *experts,
                        REAL *const *grads, long offset, int cols, const REAL *const *p, const int *ldp, REAL *inner,
                        double *dot) {
     const int fd = d->F * d->D;
     for (int m = 0; m < 3; m++) {
-        rm_gemm(gemm, 'T', 'N', d->E, cols, ns, w, d->E, p[m], ldp[m], 1, grads[m] + offset, fd);
+        rm_gemm(gemm, 'T', 'N', d->E, cols, ns, w, d->E, p[m], ldp[m], first ? 0 : 1, grads[m] + offset, fd);
         rm_gemm(gemm, 'N', 'T', ns, d->E, cols, p[m], ldp[m], experts[m] + offset, fd, m ? 1 : 0, inner, d->E);
     }
     for (long k = 0; k < (long)ns * d->E; k++) dot[k] += inner[k];
 }
 
-/* Backward: dgate, dup, ddown (zeroed by the caller) accumulate; dot[tile, s, e] (zeroed) is the
+/* Backward: dgate, dup, ddown written whole (the first block's fold overwrites); dot[tile, s, e] (zeroed) is the
  * tile's share of dw[s, e]; dx (S, T, D) when not NULL. scratch: threads * lory_scratch(d). */
 void lory_backward(gemm_t gemm, dims_t d, const REAL *x, const REAL *w, const REAL *gate, const REAL *up,
                    const REAL *down, const REAL *gu, const REAL *dy, REAL *dx, double *dot, REAL *dgate, REAL *dup,
@@ -193,8 +204,8 @@ void lory_backward(gemm_t gemm, dims_t d, const REAL *x, const REAL *w, const RE
                 }
                 const REAL *p[3] = {p_gu, p_gu + cols, p_down};
                 const int ldp[3] = {2 * cols, 2 * cols, cols};
-                fold_block(gemm, &d, w + (long)s0 * d.E, ns, experts, grads, (long)f0 * d.D, cols, p, ldp, inner,
-                           dot + ((long)t * d.S + s0) * d.E);
+                fold_block(gemm, &d, w + (long)s0 * d.E, ns, s0 == 0, experts, grads, (long)f0 * d.D, cols, p, ldp,
+                           inner, dot + ((long)t * d.S + s0) * d.E);
             }
             if (dx) sum_partials(scratch, own, threads, ns * seg, dx + s0 * seg);
         }

@@ -207,7 +207,7 @@ class FusedMergedSwiGLU(torch.autograd.Function):
         dims = _dims(*x_STD.shape, hidden, experts, x_STD.element_size(), ctx.columns)
         dx_STD = torch.empty_like(x_STD) if ctx.needs_input_grad[0] else None
         dot_NSE = torch.zeros(_tiles(dims), *w_SE.shape, dtype=torch.float64)
-        grads = [torch.zeros_like(w) for w in weights[:2]] + [weights[2].new_zeros(weights[1].shape)]
+        grads = [torch.empty_like(w) for w in weights[:2]] + [weights[2].new_empty(weights[1].shape)]
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         dy_STD = dy_STD.to(x_STD.dtype).contiguous()
         tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, dy_STD, dx_STD, dot_NSE, *grads, scratch)
