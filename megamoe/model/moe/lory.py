@@ -142,8 +142,8 @@ class LoryFFN(nn.Module):
         counts_N = segment_counts(length, seg, x_LbD.device)
         weights_NbE = self.route(x_NTbD.sum(1) / counts_N[:, None, None].to(x_LbD.dtype), state)
         y_STD = self.merged(x_NTbD.permute(0, 2, 1, 3).reshape(n * batch, seg, dim), weights_NbE.reshape(n * batch, -1))
-        y_LbD = y_STD.view(n, batch, seg, dim).permute(0, 2, 1, 3).reshape(n * seg, batch, dim)[:length]
-        return y_LbD, weights_NbE, counts_N
+        y_LbD = y_STD.view(n, batch, seg, dim).permute(0, 2, 1, 3).reshape(n * seg, batch, dim)
+        return (y_LbD if n * seg == length else y_LbD[:length]), weights_NbE, counts_N  # a slice's backward copies
 
     def route(self, means_NbD: torch.Tensor, state: RoutingState) -> torch.Tensor:
         """Routing weights per segment: shifted by one segment, the first detached (dense phase: expert 0)."""
