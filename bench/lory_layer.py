@@ -11,6 +11,8 @@ with --rounds N, the median (and range) of N interleaved rounds' ratios, for a m
 --threads 1 2 measures each intra-op thread count in every round: the ratio depends on it on CPU
 (the dense GEMM gains more from a second core than the Lory layer's memory-bound merges).
 --impl reference cpu measures each merge path (moe.merge_impl) in every round, for an A/B in one run.
+--input-grad makes the input require grad, as every FFN's input does inside a model: backward then also
+computes dx (for dense and Lory alike), which the default measurement leaves out.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--impl", nargs="+", default=["auto"], choices=("reference", "triton", "cpu", "auto"), help="moe.merge_impl"
     )
+    parser.add_argument("--input-grad", action="store_true", help="the input requires grad (backward computes dx)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=704)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -118,7 +121,7 @@ def main() -> None:
     args = parse_args()
     dim, hidden, seq = args.dim, args.hidden, args.seq_len
     model = ModelConfig(d_model=dim, num_heads=4, seq_len=seq, vocab_size=64, ffn_hidden_size=hidden)
-    x = torch.randn(seq, args.tokens // seq, dim, device=args.device)
+    x = torch.randn(seq, args.tokens // seq, dim, device=args.device, requires_grad=args.input_grad)
     dense = SwiGLU(dim, hidden, LayerFactory()).to(args.device)
     init_parameters(dense, model, seed=0)
     layers = lory_layers(args, model)
@@ -126,7 +129,7 @@ def main() -> None:
     dense_tps = {threads: args.tokens / statistics.median(times) for threads, times in dense_s.items()}
     m_dense = peak_bytes(dense, x)
     print(f"machine: {describe_device(args.device)}; torch {torch.__version__}")
-    print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32")
+    print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, input grad {args.input_grad}")
     print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
     for threads, tps in dense_tps.items():
         print(f"dense SwiGLU, {threads} threads: {tps:,.0f} tokens/s (median)")

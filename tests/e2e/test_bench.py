@@ -90,7 +90,15 @@ def test_lory_layer_rounds_tiny():
     for r in rows:
         low, high = (float(v) for v in r[7].split("–"))
         assert low <= float(r[6]) <= high and float(r[8]) > 0
-    assert "dense SwiGLU, 1 threads:" in out and "dense SwiGLU, 2 threads:" in out
+    assert "dense SwiGLU, 1 threads:" in out and "dense SwiGLU, 2 threads:" in out and "input grad False" in out
+
+
+def test_lory_layer_input_grad_tiny():
+    """--input-grad measures with an input that requires grad (backward computes dx) and says so."""
+    args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1", "--input-grad"]
+    out = bench("bench.lory_layer", *args, "--experts", "2", "--segments", "16", "--threads", "1")
+    assert "input grad True" in out
+    assert [r[:4] for r in table_rows(out)] == [["1", "cpu", "2", "16"]]
 
 
 def test_prepare_throughput_tiny():
