@@ -136,7 +136,9 @@ def supports(x_STD: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return same and x_STD.shape[0] > 0 and not torch.is_autocast_enabled("cpu") and unavailable(dtype) is None
 
 
-def tiling(segments: int, dim: int, hidden: int, element: int, threads: int, columns: int | None = None):
+def tiling(
+    segments: int, dim: int, hidden: int, element: int, threads: int, columns: int | None = None
+) -> tuple[int, int]:
     """(F columns per tile, segments per block): columns as given (the forward's, which fix the layout of the
     saved pre-activations, kept in backward whatever the thread count is then), else as many tiles as a
     multiple of threads; a block's P tiles within BLOCK_BYTES."""
@@ -146,7 +148,9 @@ def tiling(segments: int, dim: int, hidden: int, element: int, threads: int, col
     return columns, max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * element)))
 
 
-def _dims(segments: int, seg_len: int, dim: int, hidden: int, experts: int, element: int, columns=None) -> Dims:
+def _dims(
+    segments: int, seg_len: int, dim: int, hidden: int, experts: int, element: int, columns: int | None = None
+) -> Dims:
     """The kernel's shape record at this thread count (columns: see tiling)."""
     threads = torch.get_num_threads()
     columns, block = tiling(segments, dim, hidden, element, threads, columns)
@@ -207,6 +211,7 @@ class FusedMergedSwiGLU(torch.autograd.Function):
         dims = _dims(*x_STD.shape, hidden, experts, x_STD.element_size(), ctx.columns)
         dx_STD = torch.empty_like(x_STD) if ctx.needs_input_grad[0] else None
         dot_NSE = torch.zeros(_tiles(dims), *w_SE.shape, dtype=torch.float64)
+        # empty: the kernel's first block of segments overwrites every expert gradient (beta 0)
         grads = [torch.empty_like(w) for w in weights[:2]] + [weights[2].new_empty(weights[1].shape)]
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         dy_STD = dy_STD.to(x_STD.dtype).contiguous()
