@@ -13,12 +13,17 @@ with --rounds N, the median (and range) of N interleaved rounds' ratios, for a m
 --impl reference cpu measures each merge path (moe.merge_impl) in every round, for an A/B in one run.
 --input-grad makes the input require grad, as every FFN's input does inside a model: backward then also
 computes dx (for dense and Lory alike), which the default measurement leaves out.
+--clock process times the process's CPU seconds (all threads) instead of the wall clock: the work a step
+costs. Run with more --threads than cores and OMP_WAIT_POLICY=passive, it shows the extra work a thread
+count adds (partial sums, narrower tiles), which a machine with that many cores would pay in time; it is
+not a speed (the threads share the cores, and their caches).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -72,6 +77,7 @@ def parse_args() -> argparse.Namespace:
         "--impl", nargs="+", default=["auto"], choices=("reference", "triton", "cpu", "auto"), help="moe.merge_impl"
     )
     parser.add_argument("--input-grad", action="store_true", help="the input requires grad (backward computes dx)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=704)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -84,6 +90,9 @@ def parse_args() -> argparse.Namespace:
     if min(args.threads) < 1:
         parser.error(f"--threads: expected counts of at least 1, got {args.threads}")
     return args
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def lory_layers(args: argparse.Namespace, model: ModelConfig) -> dict[tuple[str, int, int], LoryFFN]:
@@ -110,9 +119,10 @@ def interleaved(dense, layers: dict, x: torch.Tensor, args: argparse.Namespace) 
     for _ in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
-            dense_s[threads].append(timed(fwd_bwd(dense, x), args.repeats))
+            dense_s[threads].append(timed(fwd_bwd(dense, x), args.repeats, CLOCKS[args.clock]))
             for key, layer in layers.items():
-                ratios[(threads, *key)].append(timed(fwd_bwd(layer, x), args.repeats) / dense_s[threads][-1])
+                spent = timed(fwd_bwd(layer, x), args.repeats, CLOCKS[args.clock])
+                ratios[(threads, *key)].append(spent / dense_s[threads][-1])
     return dense_s, ratios
 
 
@@ -130,7 +140,8 @@ def main() -> None:
     m_dense = peak_bytes(dense, x)
     print(f"machine: {describe_device(args.device)}; torch {torch.__version__}")
     print(f"d_model {dim}, F {hidden}, {args.tokens} tokens in sequences of {seq}, fp32, input grad {args.input_grad}")
-    print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd")
+    clock = "wall time" if args.clock == "wall" else "process CPU time (all threads; tokens/s per CPU second)"
+    print(f"{args.rounds} round(s) of: dense, then each Lory layer; each the best of {args.repeats} fwd+bwd by {clock}")
     for threads, tps in dense_tps.items():
         print(f"dense SwiGLU, {threads} threads: {tps:,.0f} tokens/s (median)")
     print(f"dense SwiGLU memory: {m_dense / 2**20:.1f} MiB\n")

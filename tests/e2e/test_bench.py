@@ -97,8 +97,18 @@ def test_lory_layer_input_grad_tiny():
     """--input-grad measures with an input that requires grad (backward computes dx) and says so."""
     args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1", "--input-grad"]
     out = bench("bench.lory_layer", *args, "--experts", "2", "--segments", "16", "--threads", "1")
-    assert "input grad True" in out
+    assert "input grad True" in out and "fwd+bwd by wall time" in out
     assert [r[:4] for r in table_rows(out)] == [["1", "cpu", "2", "16"]]
+
+
+def test_lory_layer_process_clock_tiny():
+    """--clock process times CPU seconds over all threads, says so, and rows come out at more threads than cores."""
+    args = ["--tokens", "256", "--dim", "32", "--hidden", "64", "--seq-len", "128", "--repeats", "1"]
+    grid = ["--experts", "2", "--segments", "16", "--threads", "4", "--impl", "cpu"]
+    out = bench("bench.lory_layer", *args, "--clock", "process", *grid)
+    assert "by process CPU time (all threads" in out
+    row = table_rows(out)[0]
+    assert row[:4] == ["4", "cpu", "2", "16"] and float(row[6]) > 0
 
 
 def test_prepare_throughput_tiny():
