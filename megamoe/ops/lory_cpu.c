@@ -5,12 +5,14 @@
  * go through the BLAS gemm that libtorch exports (MKL on x86), passed in as a function pointer, and
  * run single-threaded inside this file's OpenMP loop. Row-major tensors, all contiguous:
  *   x, dy, dx (S, T, D); w (S, E); gate, up, down (E, F, D), down transposed; gu (S, T, 2F).
- * Work splits over F tiles of ft columns (a tile's expert weights and their gradients stay in
- * cache for a block of sb segments); each thread sums its tiles' share of y (or dx) for the block
- * in a private buffer, and the buffers are summed in thread order. Same thread count, same result.
+ * Work splits over `threads` workers: `groups` groups of segments (an even split of S), and within
+ * a group over F tiles of ft columns (a tile's expert weights and their gradients stay in cache for
+ * a block of sb segments). Each worker sums its tiles' share of y (or dx) for the block in a private
+ * buffer, and a group's buffers are summed in worker order; each group folds its segments onto its
+ * own expert gradients (group 0: the outputs), added in group order at the end. Same thread count,
+ * same result.
  */
 #include <math.h>
-#include <omp.h>
 #include <string.h>
 
 #ifndef REAL
@@ -25,10 +27,10 @@ typedef void (*gemm_t)(const char *, const char *, const int *, const int *, con
                        const REAL *, const int *, const REAL *, const int *, const REAL *, REAL *, const int *);
 
 typedef struct {
-    int S, T, D, F, E, ft, sb, threads;
+    int S, T, D, F, E, ft, sb, threads, groups;
 } dims_t;
 
-/* Scratch per thread (in REALs): the block's partial sums of y or dx, then the tiles. */
+/* Scratch per worker (in REALs): the block's partial sums of y or dx, then the tiles. */
 long lory_scratch(dims_t d) {
     return (long)d.sb * d.T * d.D + 3L * d.sb * d.ft * d.D + 3L * d.ft * d.D + 4L * d.T * d.ft + (long)d.sb * d.E;
 }
@@ -92,14 +94,43 @@ static void swiglu_grad_tile(const REAL *g, const REAL *u, int ld, int T, int n,
     }
 }
 
-/* out[k] = sum over threads of part[thread][k], k < n, in thread order (inside a parallel region). */
-static void sum_partials(const REAL *part, long stride, int threads, long n, REAL *out) {
-#pragma omp for schedule(static)
-    for (long k = 0; k < n; k++) {
-        REAL s = 0;
-        for (int p = 0; p < threads; p++) s += part[p * stride + k];
-        out[k] = s;
+/* Segments [*lo, *hi) of group g's block b; the groups split S evenly (groups <= S: none is empty). */
+static void block_range(const dims_t *d, int g, int b, int *lo, int *hi) {
+    const int first = (int)((long)d->S * g / d->groups), last = (int)((long)d->S * (g + 1) / d->groups);
+    *lo = first + b * d->sb < last ? first + b * d->sb : last;
+    *hi = *lo + d->sb < last ? *lo + d->sb : last;
+}
+
+/* Blocks of the largest group: the groups pass through their blocks in step. */
+static int group_blocks(const dims_t *d) {
+    const int most = (d->S + d->groups - 1) / d->groups;
+    return (most + d->sb - 1) / d->sb;
+}
+
+/* Worker v's tiles [*t0, *t1): its group's tiles split evenly and contiguously among the group's workers. */
+static void worker_tiles(const dims_t *d, int v, int *t0, int *t1) {
+    const int per = d->threads / d->groups, tt = v % per, tiles = (d->F + d->ft - 1) / d->ft;
+    *t0 = tt * tiles / per;
+    *t1 = (tt + 1) * tiles / per;
+}
+
+/* Block b of y (or dx) for every group: the sum of the group's workers' partial buffers (stride own apart),
+ * in worker order (inside a parallel region; ends with a barrier). */
+static void sum_partials(const dims_t *d, const REAL *part, long own, int b, REAL *out) {
+    const int per = d->threads / d->groups;
+    const long seg = (long)d->T * d->D;
+    for (int g = 0; g < d->groups; g++) {
+        int lo, hi;
+        block_range(d, g, b, &lo, &hi);
+        const REAL *first = part + (long)g * per * own;
+#pragma omp for schedule(static) nowait
+        for (long k = 0; k < (hi - lo) * seg; k++) {
+            REAL s = 0;
+            for (int p = 0; p < per; p++) s += first[p * own + k];
+            out[lo * seg + k] = s;
+        }
     }
+#pragma omp barrier
 }
 
 /* Segment s's merged tiles for F rows [f0, f0 + n): gate then up as one (2n, D) matrix at merged, down
@@ -118,31 +149,30 @@ static void merge_tiles(const dims_t *d, const REAL *ws, const REAL *const *expe
  * segment. scratch: threads * lory_scratch(d). */
 void lory_forward(gemm_t gemm, dims_t d, const REAL *x, const REAL *w, const REAL *gate, const REAL *up,
                   const REAL *down, REAL *gu, REAL *y, REAL *scratch) {
-    const int tiles = (d.F + d.ft - 1) / d.ft;
     const long seg = (long)d.T * d.D, sgu = 2L * d.T * d.F, block = (long)d.sb * seg, own = lory_scratch(d);
     const long tile = (long)d.ft * d.D;
     const REAL *experts[3] = {gate, up, down};
 #pragma omp parallel num_threads(d.threads)
-    {
-        const int threads = omp_get_num_threads(), me = omp_get_thread_num();
-        REAL *mine = scratch + me * own, *merged = mine + block, *h = merged + 3 * tile;
-        for (int s0 = 0; s0 < d.S; s0 += d.sb) {
-            const int ns = d.S - s0 < d.sb ? d.S - s0 : d.sb;
-            memset(mine, 0, sizeof(REAL) * ns * seg);
+    for (int b = 0; b < group_blocks(&d); b++) {
 #pragma omp for schedule(static)
-            for (int t = 0; t < tiles; t++) {
+        for (int v = 0; v < d.threads; v++) {
+            int lo, hi, t0, t1;
+            block_range(&d, v / (d.threads / d.groups), b, &lo, &hi);
+            worker_tiles(&d, v, &t0, &t1);
+            REAL *mine = scratch + v * own, *merged = mine + block, *h = merged + 3 * tile;
+            memset(mine, 0, sizeof(REAL) * (hi - lo) * seg);
+            for (int t = t0; t < t1; t++) {
                 const int f0 = t * d.ft, n = d.F - f0 < d.ft ? d.F - f0 : d.ft;
-                for (int i = 0; i < ns; i++) {
-                    const long s = s0 + i;
+                for (long s = lo; s < hi; s++) {
                     REAL *gs = gu + s * sgu + 2L * f0;
                     merge_tiles(&d, w + s * d.E, experts, f0, n, 1, merged);
                     rm_gemm(gemm, 'N', 'T', d.T, 2 * n, d.D, x + s * seg, d.D, merged, d.D, 0, gs, 2 * d.F);
                     swiglu_tile(gs, gs + n, 2 * d.F, d.T, n, h);
-                    rm_gemm(gemm, 'N', 'N', d.T, d.D, n, h, n, merged + 2 * tile, d.D, 1, mine + i * seg, d.D);
+                    rm_gemm(gemm, 'N', 'N', d.T, d.D, n, h, n, merged + 2 * tile, d.D, 1, mine + (s - lo) * seg, d.D);
                 }
             }
-            sum_partials(scratch, own, threads, ns * seg, y + s0 * seg);
         }
+        sum_partials(&d, scratch, own, b, y);
     }
 }
 
@@ -175,39 +205,66 @@ static void fold_block(gemm_t gemm, const dims_t *d, const REAL *w, int ns, int 
     for (long k = 0; k < (long)ns * d->E; k++) dot[k] += inner[k];
 }
 
+/* grads[m] += the other groups' expert gradients (acc: groups - 1 sets of three E·F·D), in group order. */
+static void add_groups(const dims_t *d, const REAL *acc, REAL *const *grads) {
+    const long efd = (long)d->E * d->F * d->D;
+    for (int m = 0; m < 3; m++) {
+#pragma omp for schedule(static) nowait
+        for (long k = 0; k < efd; k++) {
+            REAL s = grads[m][k];
+            for (int g = 1; g < d->groups; g++) s += acc[((g - 1) * 3L + m) * efd + k];
+            grads[m][k] = s;
+        }
+    }
+}
+
+/* One worker's share of block b: its tiles of its group's segments, folded onto the group's expert gradients. */
+static void backward_work(gemm_t gemm, const dims_t *d, int v, int b, const REAL *x, const REAL *w,
+                          const REAL *const *experts, const REAL *gu, const REAL *dy, int dx, double *dot, REAL *const *out,
+                          REAL *acc, REAL *mine) {
+    const long seg = (long)d->T * d->D, sgu = 2L * d->T * d->F, ptile = (long)d->sb * d->ft * d->D;
+    const long efd = (long)d->E * d->F * d->D;
+    const int g = v / (d->threads / d->groups);
+    int lo, hi, t0, t1;
+    block_range(d, g, b, &lo, &hi);
+    worker_tiles(d, v, &t0, &t1);
+    REAL *p_gu = mine + d->sb * seg, *p_down = p_gu + 2 * ptile, *work_buf = p_down + ptile;
+    REAL *inner = work_buf + 3L * d->ft * d->D + 4L * d->T * d->ft;
+    REAL *own_grads[3] = {out[0], out[1], out[2]};
+    for (int m = 0; g && m < 3; m++) own_grads[m] = acc + ((g - 1) * 3L + m) * efd;
+    if (hi == lo) return;
+    if (dx) memset(mine, 0, sizeof(REAL) * (hi - lo) * seg);
+    for (int t = t0; t < t1; t++) {
+        const int f0 = t * d->ft, n = d->F - f0 < d->ft ? d->F - f0 : d->ft, cols = n * d->D;
+        for (long s = lo; s < hi; s++) {
+            const long i = s - lo;
+            segment_tile(gemm, d, x + s * seg, w + s * d->E, experts, gu + s * sgu + 2L * f0, dy + s * seg, f0, n,
+                         work_buf, p_gu + 2 * i * cols, p_down + i * cols, dx ? mine + i * seg : NULL);
+        }
+        const REAL *p[3] = {p_gu, p_gu + cols, p_down};
+        const int ldp[3] = {2 * cols, 2 * cols, cols};
+        fold_block(gemm, d, w + (long)lo * d->E, hi - lo, b == 0, experts, own_grads, (long)f0 * d->D, cols, p, ldp,
+                   inner, dot + ((long)t * d->S + lo) * d->E);
+    }
+}
+
 /* Backward: dgate, dup, ddown written whole (the first block's fold overwrites); dot[tile, s, e] (zeroed) is the
- * tile's share of dw[s, e]; dx (S, T, D) when not NULL. scratch: threads * lory_scratch(d). */
+ * tile's share of dw[s, e]; dx (S, T, D) when not NULL. acc: (groups - 1) * 3 * E * F * D (NULL for one group).
+ * scratch: threads * lory_scratch(d). */
 void lory_backward(gemm_t gemm, dims_t d, const REAL *x, const REAL *w, const REAL *gate, const REAL *up,
                    const REAL *down, const REAL *gu, const REAL *dy, REAL *dx, double *dot, REAL *dgate, REAL *dup,
-                   REAL *ddown, REAL *scratch) {
-    const int tiles = (d.F + d.ft - 1) / d.ft;
-    const long seg = (long)d.T * d.D, sgu = 2L * d.T * d.F, block = (long)d.sb * seg, own = lory_scratch(d);
-    const long ptile = (long)d.sb * d.ft * d.D, work = 3L * d.ft * d.D + 4L * d.T * d.ft;
+                   REAL *ddown, REAL *acc, REAL *scratch) {
+    const long own = lory_scratch(d);
     const REAL *experts[3] = {gate, up, down};
-    REAL *grads[3] = {dgate, dup, ddown};
+    REAL *const grads[3] = {dgate, dup, ddown};
 #pragma omp parallel num_threads(d.threads)
     {
-        const int threads = omp_get_num_threads(), me = omp_get_thread_num();
-        REAL *mine = scratch + me * own, *p_gu = mine + block, *p_down = p_gu + 2 * ptile;
-        REAL *work_buf = p_down + ptile, *inner = work_buf + work;
-        for (int s0 = 0; s0 < d.S; s0 += d.sb) {
-            const int ns = d.S - s0 < d.sb ? d.S - s0 : d.sb;
-            if (dx) memset(mine, 0, sizeof(REAL) * ns * seg);
+        for (int b = 0; b < group_blocks(&d); b++) {
 #pragma omp for schedule(static)
-            for (int t = 0; t < tiles; t++) {
-                const int f0 = t * d.ft, n = d.F - f0 < d.ft ? d.F - f0 : d.ft, cols = n * d.D;
-                for (int i = 0; i < ns; i++) {
-                    const long s = s0 + i;
-                    segment_tile(gemm, &d, x + s * seg, w + s * d.E, experts, gu + s * sgu + 2L * f0, dy + s * seg,
-                                 f0, n, work_buf, p_gu + 2L * i * cols, p_down + (long)i * cols,
-                                 dx ? mine + i * seg : NULL);
-                }
-                const REAL *p[3] = {p_gu, p_gu + cols, p_down};
-                const int ldp[3] = {2 * cols, 2 * cols, cols};
-                fold_block(gemm, &d, w + (long)s0 * d.E, ns, s0 == 0, experts, grads, (long)f0 * d.D, cols, p, ldp,
-                           inner, dot + ((long)t * d.S + s0) * d.E);
-            }
-            if (dx) sum_partials(scratch, own, threads, ns * seg, dx + s0 * seg);
+            for (int v = 0; v < d.threads; v++)
+                backward_work(gemm, &d, v, b, x, w, experts, gu, dy, dx != NULL, dot, grads, acc, scratch + v * own);
+            if (dx) sum_partials(&d, scratch, own, b, dx);
         }
+        if (d.groups > 1) add_groups(&d, acc, grads);
     }
 }

@@ -32,19 +32,20 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 BUILD_TIMEOUT_S = 120
 TMP_PREFIX = "building-"
 TILE_COLUMNS = 176
-"""Widest F tile; tiles are then made a multiple of the thread count (threads split the tiles). AMD EPYC
-Zen 3, 2 threads, E = 8, D 256, F 704, fwd+bwd: 88–176 columns fastest at T = 64 and T = 256, 16 about 20%
-slower, 352 (one tile per thread) 10% slower (docs/kernels.md)."""
+"""Widest F tile; tiles are then made a multiple of the workers per segment group (they split the tiles).
+AMD EPYC Zen 3, 2 threads, E = 8, D 256, F 704, fwd+bwd: 88–176 columns fastest at T = 64 and T = 256, 16
+about 20% slower, 352 (one tile per thread) 10% slower (docs/kernels.md)."""
 BLOCK_BYTES = 8 * 2**20
-"""The merged-weight gradients of one block of segments (three tiles per segment, per thread): one fold
-GEMM per block and matrix puts them on the experts. Same machine: 1–16 MiB within the noise, 0.25 MiB 15% slower."""
+"""The merged-weight gradients of one block of segments (three tiles per segment, per worker): one fold GEMM
+per block and matrix puts them on the experts. Same machine: 1–16 MiB within the noise, 0.25 MiB 15% slower;
+at 4–16 threads (CPU work on 2 cores) 2–8 MiB within the noise too (docs/kernels.md)."""
 _GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
 
 
 class Dims(ctypes.Structure):
     """dims_t in lory_cpu.c."""
 
-    _fields_ = [(name, ctypes.c_int) for name in ("S", "T", "D", "F", "E", "ft", "sb", "threads")]
+    _fields_ = [(name, ctypes.c_int) for name in ("S", "T", "D", "F", "E", "ft", "sb", "threads", "groups")]
 
 
 def cache_dir() -> Path:
@@ -108,7 +109,7 @@ class Kernels:
         ptr = ctypes.c_void_p
         self.lib.lory_scratch.argtypes, self.lib.lory_scratch.restype = [Dims], ctypes.c_long
         self.lib.lory_forward.argtypes = [ptr, Dims, *[ptr] * 8]
-        self.lib.lory_backward.argtypes = [ptr, Dims, *[ptr] * 13]
+        self.lib.lory_backward.argtypes = [ptr, Dims, *[ptr] * 14]
 
 
 @functools.cache
@@ -138,14 +139,25 @@ def supports(x_STD: torch.Tensor, *tensors: torch.Tensor) -> bool:
 
 def tiling(
     segments: int, dim: int, hidden: int, element: int, threads: int, columns: int | None = None
-) -> tuple[int, int]:
-    """(F columns per tile, segments per block): columns as given (the forward's, which fix the layout of the
-    saved pre-activations, kept in backward whatever the thread count is then), else as many tiles as a
-    multiple of threads; a block's P tiles within BLOCK_BYTES."""
+) -> tuple[int, int, int]:
+    """(F columns per tile, segments per block, segment groups): columns as given (the forward's, which fix the
+    layout of the saved pre-activations, kept in backward whatever the thread count is then), else tiles of at
+    most TILE_COLUMNS, as many as a multiple of the workers per group; a worker's P block within BLOCK_BYTES."""
+    tiles = _ceil(hidden, columns or TILE_COLUMNS)
+    groups = segment_groups(threads, tiles, segments)
     if columns is None:
-        tiles = _ceil(_ceil(hidden, TILE_COLUMNS), threads) * threads
-        columns = min(hidden, _ceil(hidden, tiles))
-    return columns, max(1, min(segments, BLOCK_BYTES // (3 * columns * dim * element)))
+        per = threads // groups
+        columns = min(hidden, _ceil(hidden, _ceil(tiles, per) * per))
+    return columns, max(1, min(_ceil(segments, groups), BLOCK_BYTES // (3 * columns * dim * element))), groups
+
+
+def segment_groups(threads: int, tiles: int, segments: int) -> int:
+    """Groups of segments the threads split into (groups × workers = threads, groups ≤ segments): as many
+    workers per group as there are tiles of at most TILE_COLUMNS, so tiles stay wide and each segment's
+    output is summed over that many partial buffers, not over every thread."""
+    sizes = [per for per in range(1, threads + 1) if threads % per == 0 and threads // per <= segments]
+    within = [per for per in sizes if per <= tiles]
+    return threads // (max(within) if within else min(sizes))
 
 
 def _dims(
@@ -153,8 +165,8 @@ def _dims(
 ) -> Dims:
     """The kernel's shape record at this thread count (columns: see tiling)."""
     threads = torch.get_num_threads()
-    columns, block = tiling(segments, dim, hidden, element, threads, columns)
-    return Dims(segments, seg_len, dim, hidden, experts, columns, block, threads)
+    columns, block, groups = tiling(segments, dim, hidden, element, threads, columns)
+    return Dims(segments, seg_len, dim, hidden, experts, columns, block, threads, groups)
 
 
 def _tiles(dims: Dims) -> int:
@@ -168,15 +180,16 @@ def _ceil(a: int, b: int) -> int:
 
 
 def workspace_bytes(segments: int, seg_len: int, dim: int, hidden: int, experts: int, element: int) -> int | None:
-    """Memory a call holds besides what it saves and returns, at its peak (backward): every thread's
-    scratch, the transposed down experts, the three expert gradients and the per-tile dw shares.
+    """Memory a call holds besides what it saves and returns, at its peak (backward): every worker's
+    scratch, the transposed down experts, the three expert gradients of every segment group and the per-tile
+    dw shares.
     None where the kernel would not run (no kernel for element-byte floats here)."""
     dtype = {4: torch.float32, 8: torch.float64}.get(element)
     kernels = _load(dtype) if dtype is not None else "no kernel"
     if isinstance(kernels, str):
         return None
     dims = _dims(segments, seg_len, dim, hidden, experts, element)
-    weights = 4 * experts * hidden * dim
+    weights = (3 * dims.groups + 1) * experts * hidden * dim
     return (dims.threads * kernels.lib.lory_scratch(dims) + weights) * element + _tiles(dims) * segments * experts * 8
 
 
@@ -213,9 +226,11 @@ class FusedMergedSwiGLU(torch.autograd.Function):
         dot_NSE = torch.zeros(_tiles(dims), *w_SE.shape, dtype=torch.float64)
         # empty: the kernel's first block of segments overwrites every expert gradient (beta 0)
         grads = [torch.empty_like(w) for w in weights[:2]] + [weights[2].new_empty(weights[1].shape)]
+        # the other segment groups' expert gradients, added to these at the end (first blocks overwrite too)
+        others = x_STD.new_empty(3 * (dims.groups - 1) * weights[0].numel()) if dims.groups > 1 else None
         scratch = x_STD.new_empty(dims.threads * kernels.lib.lory_scratch(dims))
         dy_STD = dy_STD.to(x_STD.dtype).contiguous()
-        tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, dy_STD, dx_STD, dot_NSE, *grads, scratch)
+        tensors = (x_STD, w_SE, *_kernel_layout(weights), gu_ST2F, dy_STD, dx_STD, dot_NSE, *grads, others, scratch)
         kernels.lib.lory_backward(kernels.gemm, dims, *[_ptr(t) for t in tensors])
         dw_SE = dot_NSE.sum(0).to(w_SE.dtype) if ctx.needs_input_grad[1] else None
         return dx_STD, dw_SE, grads[0], grads[1], grads[2].transpose(1, 2).contiguous()

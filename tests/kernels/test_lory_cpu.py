@@ -95,9 +95,10 @@ def test_fused_equals_the_float64_loop(monkeypatch, dtype, shape):
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_thread_counts_agree_and_repeat_bitwise(threads, count):
-    """Any thread count is within the fp32 bound of the loop; one count gives the same bits every call."""
+    """Any thread count is within the fp32 bound of the loop; one count gives the same bits every call (two tiles:
+    one worker, one group of two workers, three groups of one)."""
     torch.set_num_threads(count)
-    args = inputs(6, 8, 16, 50, 4)
+    args = inputs(6, 8, 16, 200, 4)
     cot = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     first = run(lory_cpu.merged_swiglu_fused, args, torch.float32, cot)
     assert max(errors(first, run(merged_swiglu_loop, args, torch.float64, cot)).values()) < BOUND[torch.float32]
@@ -113,6 +114,63 @@ def test_backward_at_another_thread_count(threads):
     torch.set_num_threads(2)
     out = lory_cpu.merged_swiglu_fused(*leaves)
     torch.set_num_threads(1)
+    got = [out.detach().double(), *(g.double() for g in torch.autograd.grad(out, leaves, cot.float()))]
+    assert max(errors(got, run(merged_swiglu_loop, args, torch.float64, cot)).values()) < BOUND[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("case", "count", "tiles", "segments", "groups"),
+    [
+        ("fewer threads than tiles: one group", 2, 4, 32, 1),
+        ("three threads, four tiles: one group of three", 3, 4, 32, 1),
+        ("many threads: groups of four", 16, 4, 32, 4),
+        ("eight threads", 8, 4, 32, 2),
+        ("six threads: two groups of three", 6, 4, 32, 2),
+        ("a prime count above the tiles: one worker per group", 5, 4, 32, 5),
+        ("no more groups than segments", 16, 4, 2, 2),
+        ("one segment", 16, 4, 1, 1),
+        ("one thread", 1, 4, 32, 1),
+    ],
+)
+def test_segment_groups(case, count, tiles, segments, groups):
+    """Threads beyond the tiles work on separate segments rather than narrower tiles; groups never exceed segments."""
+    assert lory_cpu.segment_groups(count, tiles, segments) == groups, case
+
+
+GROUPED = [  # (threads, (S, T, D, F, E)): every case splits into several segment groups
+    (3, (7, 9, 16, 100, 3)),  # three groups of 2, 2, 3 segments (blocks of 2: the third group runs a block alone)
+    (4, (11, 8, 24, 100, 5)),  # two groups of two workers, two tiles of 50 columns each
+    (4, (4, 6, 8, 20, 1)),  # four groups of one segment, E = 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("count", "shape"), GROUPED)
+def test_segment_groups_equal_the_float64_loop(monkeypatch, threads, dtype, count, shape):
+    """With more threads than tiles: output and all five gradients within the dtype's bound, and bitwise repeats."""
+    monkeypatch.setattr(lory_cpu, "BLOCK_BYTES", 3 * 64 * shape[2] * dtype.itemsize * 2)  # blocks of ≤ 2 segments
+    monkeypatch.setattr(lory_cpu, "TILE_COLUMNS", 64)
+    torch.set_num_threads(count)
+    dims = lory_cpu._dims(*shape[:4], shape[4], dtype.itemsize)
+    assert dims.groups > 1 and dims.sb <= 2, (dims.groups, dims.sb)
+    args = inputs(*shape)
+    cot = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = run(lory_cpu.merged_swiglu_fused, args, dtype, cot)
+    err = errors(got, run(merged_swiglu_loop, args, torch.float64, cot))
+    assert max(err.values()) < BOUND[dtype], err
+    assert all(torch.equal(a, b) for a, b in zip(got, run(lory_cpu.merged_swiglu_fused, args, dtype, cot)))
+
+
+def test_backward_with_other_groups_than_forward(threads):
+    """Forward at 4 threads (two groups of two workers, two tiles of 150), backward at 3 (three groups, same tiles)."""
+    args = inputs(9, 8, 16, 300, 4)
+    cot = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaves = [a.detach().float().requires_grad_() for a in args]
+    torch.set_num_threads(4)
+    assert lory_cpu._dims(9, 8, 16, 300, 4, 4).groups == 2
+    out = lory_cpu.merged_swiglu_fused(*leaves)
+    torch.set_num_threads(3)
+    assert lory_cpu._dims(9, 8, 16, 300, 4, 4, columns=150).groups == 3
     got = [out.detach().double(), *(g.double() for g in torch.autograd.grad(out, leaves, cot.float()))]
     assert max(errors(got, run(merged_swiglu_loop, args, torch.float64, cot)).values()) < BOUND[torch.float32]
 
