@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.helpers import check, torchrun
+from tests.distributed.parity import RTOL
 from tests.distributed.test_layouts import assert_layout_matches, launch_layouts
 from tests.distributed.worlds.moe_world import CASES
 from tests.util import single_process_trainer, tiny_config
@@ -181,13 +182,16 @@ def test_qkv_bias_under_tp_sp_ep_matches_single_process(data_cache, tiny_data, t
 
 # Lory with the dense warm-up (W = 2 of 6 steps): the upcycling copies optimizer state under ZeRO too.
 LORY = ["moe.routing=lory", "moe.num_experts=4", "moe.segment_length=8", "moe.dense_warmup_fraction=0.34"]
+TABLE_ROUNDING = 1e-6
+"""routing_domains.jsonl keeps 6 decimals: each of the two compared values is within 5e-7 of the weight it rounds."""
 LORY_LAYOUTS = {
     "ep2": (2, ["parallel.expert_parallel=2"]),
     "tp2-sp-ep2": (4, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.expert_parallel=2"]),
     "ep4-zero2": (4, ["parallel.expert_parallel=4", "parallel.zero_stage=2"]),
 }
 # load_cv and domain_js are left out of the relative check: with near-uniform soft weights each is a small
-# difference of nearly equal numbers (fp32 round-off is amplified); the per-domain table is compared instead
+# difference of nearly equal numbers (fp32 round-off is amplified); the per-domain table is compared instead,
+# at the trajectory's RTOL (tests/distributed/parity.py) plus TABLE_ROUNDING
 LORY_KEYS = (
     "train/loss",
     "train/grad_norm",
@@ -217,7 +221,8 @@ def test_lory_layouts_match_single_process(layout, lory_reference, runs):
         for layer in ("L0", "L1"):
             assert got[layer].keys() == want[layer].keys()
             for domain, weights in want[layer].items():
-                assert got[layer][domain] == pytest.approx(weights, abs=3e-6), f"{layer}/{domain}"  # 6-digit table
+                for a, b in zip(got[layer][domain], weights, strict=True):
+                    assert abs(a - b) <= RTOL * abs(b) + TABLE_ROUNDING, f"{layer}/{domain}: {a} vs {b}"
 
 
 QKV_BIAS = ["model.qkv_bias=true", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
