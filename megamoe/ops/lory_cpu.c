@@ -107,9 +107,14 @@ static int group_blocks(const dims_t *d) {
     return (most + d->sb - 1) / d->sb;
 }
 
-/* Worker v's tiles [*t0, *t1): its group's tiles split evenly and contiguously among the group's workers. */
-static void worker_tiles(const dims_t *d, int v, int *t0, int *t1) {
-    const int per = d->threads / d->groups, tt = v % per, tiles = (d->F + d->ft - 1) / d->ft;
+/* Workers per group: workers g * per ... (g + 1) * per - 1 make up group g. */
+static int per_group(const dims_t *d) { return d->threads / d->groups; }
+
+/* Worker v's share of block b: its group's segments [*lo, *hi), and tiles [*t0, *t1) (the group's tiles split
+ * evenly and contiguously among its workers). */
+static void worker_share(const dims_t *d, int v, int b, int *lo, int *hi, int *t0, int *t1) {
+    const int per = per_group(d), tt = v % per, tiles = (d->F + d->ft - 1) / d->ft;
+    block_range(d, v / per, b, lo, hi);
     *t0 = tt * tiles / per;
     *t1 = (tt + 1) * tiles / per;
 }
@@ -117,7 +122,7 @@ static void worker_tiles(const dims_t *d, int v, int *t0, int *t1) {
 /* Block b of y (or dx) for every group: the sum of the group's workers' partial buffers (stride own apart),
  * in worker order (inside a parallel region; ends with a barrier). */
 static void sum_partials(const dims_t *d, const REAL *part, long own, int b, REAL *out) {
-    const int per = d->threads / d->groups;
+    const int per = per_group(d);
     const long seg = (long)d->T * d->D;
     for (int g = 0; g < d->groups; g++) {
         int lo, hi;
@@ -157,8 +162,7 @@ void lory_forward(gemm_t gemm, dims_t d, const REAL *x, const REAL *w, const REA
 #pragma omp for schedule(static)
         for (int v = 0; v < d.threads; v++) {
             int lo, hi, t0, t1;
-            block_range(&d, v / (d.threads / d.groups), b, &lo, &hi);
-            worker_tiles(&d, v, &t0, &t1);
+            worker_share(&d, v, b, &lo, &hi, &t0, &t1);
             REAL *mine = scratch + v * own, *merged = mine + block, *h = merged + 3 * tile;
             memset(mine, 0, sizeof(REAL) * (hi - lo) * seg);
             for (int t = t0; t < t1; t++) {
@@ -224,15 +228,14 @@ static void backward_work(gemm_t gemm, const dims_t *d, int v, int b, const REAL
                           REAL *acc, REAL *mine) {
     const long seg = (long)d->T * d->D, sgu = 2L * d->T * d->F, ptile = (long)d->sb * d->ft * d->D;
     const long efd = (long)d->E * d->F * d->D;
-    const int g = v / (d->threads / d->groups);
+    const int g = v / per_group(d);
     int lo, hi, t0, t1;
-    block_range(d, g, b, &lo, &hi);
-    worker_tiles(d, v, &t0, &t1);
+    worker_share(d, v, b, &lo, &hi, &t0, &t1);
+    if (hi == lo) return;
     REAL *p_gu = mine + d->sb * seg, *p_down = p_gu + 2 * ptile, *work_buf = p_down + ptile;
     REAL *inner = work_buf + 3L * d->ft * d->D + 4L * d->T * d->ft;
     REAL *own_grads[3] = {out[0], out[1], out[2]};
     for (int m = 0; g && m < 3; m++) own_grads[m] = acc + ((g - 1) * 3L + m) * efd;
-    if (hi == lo) return;
     if (dx) memset(mine, 0, sizeof(REAL) * (hi - lo) * seg);
     for (int t = t0; t < t1; t++) {
         const int f0 = t * d->ft, n = d->F - f0 < d->ft ? d->F - f0 : d->ft, cols = n * d->D;
